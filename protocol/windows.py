@@ -1,0 +1,51 @@
+"""Credit (flow-control) arithmetic for stream data, in one small class.
+
+The receiver grants credit; the sender spends it. Credit comes back only when
+the receiving *application* acknowledges that it consumed bytes (for the relay
+and client: the local socket accepted them), so a slow consumer stalls its own
+stream and never fills the shared SSH channel. Like h2's ``WindowManager``,
+increments are batched: one WINDOW_UPDATE per quarter window consumed.
+"""
+
+from __future__ import annotations
+
+from sshrelay.protocol.errors import LocalProtocolError
+
+
+class ReceiveWindow:
+    """Receive-side credit for one stream or for the whole connection."""
+
+    __slots__ = ("available", "size", "unacknowledged", "unreturned")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.available = size  # bytes the peer may still send
+        self.unacknowledged = 0  # received, not yet consumed by the application
+        self.unreturned = 0  # consumed, credit not yet sent back
+
+    def consume(self, length: int) -> bool:
+        """Account for received bytes; False means the peer overran its credit."""
+        if length > self.available:
+            return False
+        self.available -= length
+        self.unacknowledged += length
+        return True
+
+    def acknowledge(self, length: int) -> int:
+        """The application consumed ``length`` bytes; return an increment to send, or 0."""
+        if length < 0 or length > self.unacknowledged:
+            raise LocalProtocolError(
+                f"acknowledged {length} bytes but only {self.unacknowledged} are unacknowledged"
+            )
+        self.unacknowledged -= length
+        self.unreturned += length
+        if self.unreturned >= max(1, self.size // 4):
+            return self.flush()
+        return 0
+
+    def flush(self) -> int:
+        """Return all consumed credit now (used when nothing else is outstanding)."""
+        increment = self.unreturned
+        self.unreturned = 0
+        self.available += increment
+        return increment

@@ -1,0 +1,1 @@
+"""The VPS side of sshrelay: SSH server, per-key permissions, public listeners."""
