@@ -305,7 +305,7 @@ class Multiplexer:
         while self._datagrams:
             flow, _, _ = self._datagrams.popleft()
             if flow is not None:
-                counters.drops[DROP_SESSION_CLOSED] += 1
+                counters.drops[DROP_SESSION_CLOSED if flow.open else DROP_FLOW_CLOSED] += 1
         self._datagram_bytes = 0
         for stream in self._streams.values():
             if stream.state is not StreamState.CLOSED:
@@ -543,7 +543,10 @@ class Multiplexer:
         seq = self._ping_seq
         self._pings[seq] = now
         if len(self._pings) > MAX_OUTSTANDING_PINGS:
-            del self._pings[min(self._pings)]
+            # Forget the second-oldest: the oldest unanswered PING decides ping_timeout.
+            pending = iter(self._pings)
+            next(pending)
+            del self._pings[next(pending)]
         self._datagrams.append((None, encode_fields(FrameType.PING, seq), now))
         self._count_sent("PING")
         self.counters.pings_sent += 1
@@ -594,11 +597,18 @@ class Multiplexer:
         self._queue_control(FrameType.STREAM_ACCEPT, stream_id)
 
     def send_window(self, stream_id: int) -> int:
-        """Bytes ``send_stream_data`` accepts now (0 while opening, closed or out of credit)."""
+        """Bytes ``send_stream_data`` accepts now (0 while opening, closed or out of credit).
+
+        A sendable stream found without credit gets a ``CreditAvailable`` event
+        once credit returns, even if it ran dry because of other streams.
+        """
         stream = self._streams.get(stream_id)
         if stream is None or stream.state not in _SENDABLE or stream.fin_queued:
             return 0
-        return min(stream.send_credit, self._send_connection_credit)
+        credit = min(stream.send_credit, self._send_connection_credit)
+        if not credit:
+            self._stalled.add(stream_id)
+        return credit
 
     def send_stream_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue stream bytes; more than ``send_window`` is a ``FlowControlError``."""
@@ -611,6 +621,7 @@ class Multiplexer:
             return
         credit = min(stream.send_credit, self._send_connection_credit)
         if length > credit:
+            self._stalled.add(stream_id)  # wake the caller when credit returns
             raise FlowControlError(f"stream {stream_id}: {length} bytes exceed credit {credit}")
         stream.send_credit -= length
         self._send_connection_credit -= length
@@ -820,7 +831,7 @@ class Multiplexer:
         self._set_state(SessionInput.RECV_HELLO)
         self._send_connection_credit = self.peer_limits["connection_window"]
         self._send_chunk = min(self.config.stream_chunk, self.peer_limits["max_chunk"])
-        self._max_send_datagram = min(self.config.max_datagram, self.peer_limits["max_datagram"])
+        self._max_send_datagram = self.peer_limits["max_datagram"]
         if self.config.ping_interval:
             self._next_ping_at = self._now + self.config.ping_interval
         events.append(

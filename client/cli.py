@@ -1,0 +1,274 @@
+"""`relay connect`: flags and TOML ``[connect]`` settings, then run the client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sshrelay.client.connect import EXIT_CONNECT, Client, ClientError, ClientOptions
+from sshrelay.protocol.aio.logs import setup_logging
+from sshrelay.protocol.aio.loop import run as run_loop
+from sshrelay.protocol.aio.tomlconfig import (
+    ConfigError,
+    Setting,
+    check_table,
+    load_section,
+    positive,
+)
+from sshrelay.protocol.config import MuxConfig
+from sshrelay.protocol.forwards import ForwardSpec, ForwardSpecError, parse_forward_spec
+
+log = logging.getLogger("sshrelay.client")
+
+EXAMPLES = """\
+examples:
+  relay connect vps.example.com -i ~/.ssh/id_ed25519 -R 51820:127.0.0.1:51820/udp
+  relay connect me@vps.example.com:2222 -R 8443:127.0.0.1:443 -R game=27015:10.0.0.5:27015/udp
+  relay connect --config ~/.config/sshrelay/client.toml
+
+SPEC is OpenSSH's -R syntax plus a protocol: [NAME=][BIND_ADDRESS:]PORT:HOST:HOSTPORT[/tcp|/udp].
+Without a bind address the relay listens on all interfaces. PORT 0 lets the relay pick one.
+"""
+
+FORWARD_TABLE: dict[str, Setting] = {
+    "spec": Setting(str),
+    "name": Setting(str),
+    "idle_timeout": Setting(float, positive),
+    "max_flows": Setting(int, lambda v: None if 1 <= v <= 1_000_000 else "must be 1-1000000"),
+}
+
+SETTINGS: dict[str, Setting] = {
+    "server": Setting(str),
+    "identity": Setting(str),
+    "forwards": Setting(list),
+    "known_hosts": Setting(str),
+    "accept_new": Setting(bool),
+    "metrics": Setting(str),
+    "log_level": Setting(
+        str,
+        lambda v: (
+            None
+            if v in ("debug", "info", "warning", "error")
+            else "must be debug, info, warning or error"
+        ),
+    ),
+    "keepalive_interval": Setting(float, positive),
+    "ping_interval": Setting(float, positive),
+    "connect_timeout": Setting(float, positive),
+    "udp_idle_timeout": Setting(float, positive),
+    "max_datagram_age": Setting(float, positive),
+}
+
+
+def add_parser(commands: Any) -> None:
+    connect = commands.add_parser(
+        "connect",
+        help="connect to a relay and expose local services (at home)",
+        description="Connect to a relay over SSH and expose local TCP/UDP services on it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    connect.add_argument(
+        "server", nargs="?", metavar="[USER@]HOST[:PORT]", help="the relay (port 2222 by default)"
+    )
+    connect.add_argument(
+        "-i", dest="identity", metavar="KEYFILE", help="private key (default ~/.ssh/id_ed25519)"
+    )
+    connect.add_argument(
+        "-R", dest="forwards", metavar="SPEC", action="append", help="remote forward; repeatable"
+    )
+    connect.add_argument("--known-hosts", metavar="FILE", help="default ~/.ssh/known_hosts")
+    connect.add_argument(
+        "--accept-new",
+        action="store_true",
+        default=None,
+        help="store an unknown relay host key (like StrictHostKeyChecking=accept-new)",
+    )
+    connect.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    connect.add_argument(
+        "--config", metavar="FILE", type=Path, help="TOML file with a [connect] section"
+    )
+    connect.add_argument(
+        "--udp-idle-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="idle expiry of UDP flows (default 180)",
+    )
+    connect.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    connect.set_defaults(run=run)
+
+
+def parse_server(text: str) -> tuple[str | None, str, int]:
+    """``[USER@]HOST[:PORT]`` with ``[v6]`` brackets; ValueError says what is wrong."""
+    user = None
+    if "@" in text:
+        user, text = text.rsplit("@", 1)
+        if not user:
+            raise ValueError("empty user name before '@'")
+    host, port = text, 2222
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected :PORT after ']'")
+            port = _port(rest[1:])
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text)
+    if not host:
+        raise ValueError("missing HOST")
+    return user, host, port
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError(f"port {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return port
+
+
+def _forward(text: str, idle: float | None) -> ForwardSpec:
+    name = ""
+    if "=" in text:
+        name, text = text.split("=", 1)
+    spec = parse_forward_spec(text, name)
+    if idle is not None:
+        spec = _replace(spec, idle_timeout=idle)
+    return spec
+
+
+def _replace(spec: ForwardSpec, **changes: Any) -> ForwardSpec:
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, Any]]:
+    """Merge flags over the TOML file over defaults; raise ConfigError/ValueError."""
+    values: dict[str, Any] = {}
+    where = ""
+    if args.config is not None:
+        where = f"{args.config} [connect]"
+        values = check_table(load_section(args.config, "connect"), SETTINGS, where)
+    for key in (
+        "server",
+        "identity",
+        "known_hosts",
+        "accept_new",
+        "metrics",
+        "log_level",
+        "udp_idle_timeout",
+    ):
+        flag = getattr(args, key)
+        if flag is not None:
+            values[key] = flag
+    if "server" not in values:
+        raise ValueError("missing the relay address [USER@]HOST[:PORT]")
+    user, host, port = parse_server(values["server"])
+    idle = values.get("udp_idle_timeout")
+    forwards: list[ForwardSpec] = []
+    if args.forwards:
+        for text in args.forwards:
+            forwards.append(_forward(text, idle))
+    else:
+        for index, item in enumerate(values.get("forwards", []), start=1):
+            item_where = f"{where} forwards[{index}]"
+            if isinstance(item, str):
+                forwards.append(_forward(item, idle))
+                continue
+            if not isinstance(item, dict):
+                raise ConfigError(f"{item_where}: must be a SPEC string or a table")
+            table = check_table(item, FORWARD_TABLE, item_where)
+            if "spec" not in table:
+                raise ConfigError(f"{item_where}: key 'spec' is required")
+            try:
+                spec = parse_forward_spec(table["spec"], table.get("name", ""))
+            except ForwardSpecError as exc:
+                raise ConfigError(f"{item_where}: key 'spec': {exc}") from None
+            changes: dict[str, Any] = {}
+            if "idle_timeout" in table or idle is not None:
+                changes["idle_timeout"] = table.get("idle_timeout", idle)
+            if "max_flows" in table:
+                changes["max_flows"] = table["max_flows"]
+            forwards.append(_replace(spec, **changes) if changes else spec)
+    if not forwards:
+        raise ValueError("no forward given: add at least one -R SPEC")
+    identity = values.get("identity")
+    if identity is None:
+        default = Path("~/.ssh/id_ed25519").expanduser()
+        identity = str(default) if default.exists() else None
+    if identity is None:
+        raise ValueError("no key: pass -i KEYFILE (create one with `relay keygen FILE`)")
+    mux = MuxConfig(ping_interval=values.get("ping_interval", 5.0))
+    if "max_datagram_age" in values:
+        mux.max_datagram_age = values["max_datagram_age"]
+    options = ClientOptions(
+        host=host,
+        port=port,
+        username=user or getpass.getuser(),
+        identity=Path(identity).expanduser(),
+        forwards=forwards,
+        accept_new=bool(values.get("accept_new", False)),
+        keepalive_interval=values.get("keepalive_interval", 10.0),
+        connect_timeout=values.get("connect_timeout", 15.0),
+        mux=mux,
+    )
+    if "known_hosts" in values:
+        options.known_hosts = Path(values["known_hosts"]).expanduser()
+    return options, values
+
+
+def run(args: argparse.Namespace) -> int:
+    from sshrelay.cli import usage_error
+
+    try:
+        options, values = build_options(args)
+    except (ConfigError, ValueError) as exc:
+        usage_error("relay connect", str(exc))
+    setup_logging(values.get("log_level", "info"))
+    return run_loop(_connect(options))
+
+
+async def _connect(options: ClientOptions) -> int:
+    client = Client(options)
+    try:
+        await client.connect()
+    except ClientError as exc:
+        sys.stderr.write(f"relay connect: {exc}\n")
+        return exc.exit_code
+    for index, spec in enumerate(options.forwards, start=1):
+        bind, port = client.bound[index]
+        print(
+            f"relay: forward {spec.label} up: relay {spec.proto} {bind}:{port} -> "
+            f"{spec.host}:{spec.host_port}",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    stopper = asyncio.ensure_future(stop.wait())
+    ended = asyncio.ensure_future(client.wait_closed())
+    await asyncio.wait({stopper, ended}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("shutting down")
+        client.close()
+        await asyncio.sleep(0.05)  # let the GOAWAY leave
+        ended.cancel()
+        return 0
+    stopper.cancel()
+    event = ended.result()
+    sys.stderr.write(f"relay connect: the tunnel ended: {event.reason or 'connection closed'}\n")
+    return EXIT_CONNECT

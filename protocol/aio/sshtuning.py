@@ -1,0 +1,91 @@
+"""SSH settings and socket options both ends use, and the one place that
+reaches into asyncssh's transport.
+
+asyncssh ignores back-pressure from its TCP transport (its connection's
+``pause_writing`` is a no-op), so everything written to a channel lands in the
+transport's buffer at once. To keep our scheduler, not that FIFO, in charge of
+what goes on the wire next, ``TransportWatch`` reads the transport's buffer size
+and chains its pause/resume callbacks. This needs asyncssh private attributes;
+they are touched only here, and ``tests/protocol/aio/test_sshtuning.py`` fails
+loudly if asyncssh changes them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+from asyncssh.connection import SSHConnection
+
+SUBSYSTEM: Final = "sshrelay"
+# AES-GCM is one call per packet; chacha20-poly1305 (asyncssh's default) is two.
+ENCRYPTION_ALGS: Final = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+]
+CHANNEL_WINDOW: Final = 8 * 1024 * 1024  # SSH channel window: ample for long fat links
+CHANNEL_MAX_PKTSIZE: Final = 32768  # OpenSSH's maximum is 32 KiB + headers
+WRITE_HIGH_WATER: Final = 256 * 1024  # unsent bytes we allow below our scheduler
+NOTSENT_LOWAT: Final = 128 * 1024
+
+
+def connection_options() -> dict[str, Any]:
+    """Keyword options common to ``asyncssh.connect`` and ``asyncssh.create_server``."""
+    return {
+        "encryption_algs": ENCRYPTION_ALGS,
+        "compression_algs": None,
+    }
+
+
+def tune_socket(sock: socket.socket | None) -> None:
+    """Low latency for the SSH socket: no Nagle, little unsent data in the kernel."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, option, value in (
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", None), NOTSENT_LOWAT),
+    ):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass  # not supported by this kernel; only latency suffers
+
+
+class TransportWatch:
+    """Buffered bytes under an SSH channel, with a callback when they drain."""
+
+    def __init__(self, conn: SSHConnection) -> None:
+        self._conn = conn
+        self._transport: Any = getattr(conn, "_transport", None)
+        self._callbacks: list[Callable[[], None]] = []
+        if self._transport is not None:
+            self._transport.set_write_buffer_limits(
+                high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4
+            )
+            original = conn.resume_writing
+
+            def resume_writing() -> None:
+                original()
+                for callback in list(self._callbacks):
+                    callback()
+
+            conn.resume_writing = resume_writing  # type: ignore[method-assign]
+            tune_socket(conn.get_extra_info("socket"))
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def remove(self, callback: Callable[[], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def buffered(self) -> int:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return 0
+        return int(transport.get_write_buffer_size())

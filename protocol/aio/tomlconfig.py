@@ -1,0 +1,83 @@
+"""TOML configuration files: load a section and check every key.
+
+Both ends describe their settings as ``Setting`` tables. An unknown key, a
+value of the wrong type or out of range is a ``ConfigError`` that names the
+key and the file, so a typo never silently falls back to a default (the
+"authentication silently off through a config mistake" class of bugs).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    kind: type | tuple[type, ...]
+    check: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def load_section(path: Path, section: str) -> dict[str, Any]:
+    """The ``[section]`` table of a TOML file (empty if the section is absent)."""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known_sections = {"serve", "connect"}
+    for key in data:
+        if key not in known_sections:
+            raise ConfigError(
+                f"config file {path}: unknown section or key {key!r} "
+                f"(expected [serve] and/or [connect])"
+            )
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: {section!r} must be a table")
+    return table
+
+
+def check_table(table: dict[str, Any], settings: dict[str, Setting], where: str) -> dict[str, Any]:
+    """Validate ``table`` against ``settings``; ``where`` is e.g. 'relay.toml [serve]'."""
+    checked: dict[str, Any] = {}
+    for key, value in table.items():
+        setting = settings.get(key)
+        if setting is None:
+            known = ", ".join(sorted(settings))
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {known})")
+        kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if ok and float in kinds and isinstance(value, int):
+            value = float(value)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{where}: key {key!r} must be {names}, got {value!r}")
+        if setting.check is not None:
+            problem = setting.check(value)
+            if problem:
+                raise ConfigError(f"{where}: key {key!r} {problem}")
+        checked[key] = value
+    return checked

@@ -1,0 +1,187 @@
+"""`relay serve`: flags and TOML ``[serve]`` settings, then run the relay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sshrelay.protocol.aio.keys import KeyFileError, fingerprint
+from sshrelay.protocol.aio.logs import setup_logging
+from sshrelay.protocol.aio.loop import run as run_loop
+from sshrelay.protocol.aio.tomlconfig import (
+    ConfigError,
+    Setting,
+    check_table,
+    load_section,
+    non_negative,
+    positive,
+)
+from sshrelay.protocol.config import MuxConfig
+from sshrelay.relay.auth import AuthorizedKeys, AuthSetupError
+from sshrelay.relay.server import RelayOptions, RelayServer, load_host_key
+
+log = logging.getLogger("sshrelay.relay")
+
+EXAMPLES = """\
+examples:
+  relay serve                                   # 0.0.0.0:2222, keys in ~/.config/sshrelay/
+  relay serve --listen 0.0.0.0:2222 --authorized-keys /etc/sshrelay/authorized_keys
+  relay serve --config /etc/sshrelay/relay.toml
+
+The authorized_keys file takes OpenSSH lines; restrict a key's ports with
+  permitlisten="51820/udp",permitlisten="8443" ssh-ed25519 AAAA... home-server
+"""
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return Path(base) / "sshrelay"
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[V6]:PORT``; ValueError with a clear message."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not port_text:
+        return host or "0.0.0.0", default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return host or "0.0.0.0", port
+
+
+SETTINGS: dict[str, Setting] = {
+    "listen": Setting(str),
+    "host_key": Setting(str),
+    "authorized_keys": Setting(str),
+    "metrics": Setting(str),
+    "log_level": Setting(
+        str,
+        lambda v: (
+            None
+            if v in ("debug", "info", "warning", "error")
+            else "must be debug, info, warning or error"
+        ),
+    ),
+    "keepalive_interval": Setting(float, positive),
+    "ping_interval": Setting(float, positive),
+    "max_datagram_age": Setting(float, positive),
+    "datagram_queue_bytes": Setting(int, positive),
+    "stream_window": Setting(int, lambda v: None if v >= 1024 else "must be at least 1024"),
+    "login_timeout": Setting(float, non_negative),
+}
+
+
+def add_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the relay (on the VPS)",
+        description="Run the relay: an SSH server that only carries sshrelay tunnels.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", help="SSH listen address (default 0.0.0.0:2222)"
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", type=Path, help="TOML file with a [serve] section"
+    )
+    serve.add_argument(
+        "--host-key", metavar="FILE", help="host key (default: generated in ~/.config/sshrelay/)"
+    )
+    serve.add_argument(
+        "--authorized-keys",
+        metavar="FILE",
+        help="client keys (default ~/.config/sshrelay/authorized_keys)",
+    )
+    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(run=run)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        where = f"{args.config} [serve]"
+        values = check_table(load_section(args.config, "serve"), SETTINGS, where)
+    for key in ("listen", "host_key", "authorized_keys", "metrics", "log_level"):
+        flag = getattr(args, key)
+        if flag is not None:
+            values[key] = flag
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from sshrelay.cli import usage_error
+
+    try:
+        values = _settings(args)
+    except ConfigError as exc:
+        usage_error("relay serve", str(exc))
+    try:
+        host, port = parse_host_port(values.get("listen", "0.0.0.0:2222"), 2222)
+    except ValueError as exc:
+        usage_error("relay serve", f"--listen {exc}")
+    setup_logging(values.get("log_level", "info"))
+    mux = MuxConfig(ping_interval=values.get("ping_interval", 5.0))
+    for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
+        if key in values:
+            setattr(mux, key, values[key])
+    options = RelayOptions(
+        listen_host=host,
+        listen_port=port,
+        mux=mux,
+        keepalive_interval=values.get("keepalive_interval", 10.0),
+        login_timeout=values.get("login_timeout", 30.0),
+    )
+    key_path = Path(values.get("host_key") or config_dir() / "host_ed25519").expanduser()
+    keys_path = Path(values.get("authorized_keys") or config_dir() / "authorized_keys").expanduser()
+    try:
+        keys = AuthorizedKeys(keys_path)
+        host_key, created = load_host_key(key_path)
+    except (AuthSetupError, KeyFileError) as exc:
+        sys.stderr.write(f"relay serve: {exc}\n")
+        return 1
+    print(
+        f"relay: host key {fingerprint(host_key)} ({'generated ' if created else ''}{key_path})",
+        flush=True,
+    )
+    return run_loop(_serve(options, host_key, keys))
+
+
+async def _serve(options: RelayOptions, host_key: Any, keys: AuthorizedKeys) -> int:
+    server = RelayServer(options, host_key, keys)
+    try:
+        await server.start()
+    except OSError as exc:
+        where = f"{options.listen_host}:{options.listen_port}"
+        sys.stderr.write(f"relay serve: cannot listen on {where}: {exc.strerror}\n")
+        return 1
+    print(
+        f"relay: listening on {options.listen_host}:{server.port} ({keys.count} client keys)",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down: closing %d sessions and all public listeners", len(server.sessions))
+    await server.close()
+    return 0
