@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from sshrelay.protocol.frames import (
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent / "vectors.json").read_text(encoding="utf-8")
 )
+PROTOCOL_MD = Path(__file__).parents[2] / "docs" / "protocol.md"
 DEFAULT_MAX_PAYLOAD: int = VECTORS["default_max_payload"]
 
 # Malformed vectors the current codec accepts although the spec rejects them.
@@ -128,6 +130,18 @@ def test_all_valid_vectors_back_to_back() -> None:
 def test_vectors_cover_every_frame_type() -> None:
     covered = {vector["frame"]["type"] for vector in VECTORS["valid"]}
     assert covered == {frame_type.name for frame_type in FrameType}
+
+
+def test_protocol_md_examples_match_vectors() -> None:
+    """Every annotated example in docs/protocol.md is the frozen vector of the same name."""
+    valid = {vector["name"]: vector["hex"] for vector in VECTORS["valid"]}
+    blocks = re.findall(
+        r"<!-- vector: (.*?) -->\n```text\n(.*?)```", PROTOCOL_MD.read_text("utf-8"), re.S
+    )
+    assert len(blocks) >= 10
+    for name, block in blocks:
+        wire = "".join("".join(line.split("#", 1)[0].split()) for line in block.splitlines())
+        assert wire == valid[name], name
 
 
 # ---------------------------------------------------------------------- decode-only
