@@ -15,7 +15,12 @@ from typing import Any, Final, cast
 
 import msgpack
 
-from sshrelay.protocol.errors import FrameDecodeError, FrameTooLargeError, RemoteProtocolError
+from sshrelay.protocol.errors import (
+    FrameDecodeError,
+    FrameTooLargeError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from sshrelay.protocol.frames import (
     BIN,
     FRAME_CLASSES,
@@ -36,6 +41,8 @@ MAX_STR: Final = 4096  # reasons, kinds, metadata strings
 MAX_MAP: Final = 64  # entries in a metadata or limits map
 MAX_ARRAY: Final = 64  # frame arrays and the capability list
 FEED_SLICE: Final = 65536  # bytes handed to msgpack at once (bounds its buffer)
+MAX_CONTROL_FRAME: Final = 65536  # bytes of any frame beyond its bin payload
+MAX_REASON: Final = 1024  # GOAWAY reasons are cut to this many characters
 _META_SCALARS: Final = (str, int, float, bool, bytes, type(None))
 
 _DATAGRAM: Final = int(FrameType.DATAGRAM)
@@ -88,20 +95,32 @@ _pack_bin32 = _struct.Struct(">BI").pack
 class FrameDecoder:
     """Incremental, bounded decoder of the frame stream.
 
-    ``max_payload`` bounds every ``bin`` (stream chunk or datagram). The msgpack
-    buffer never holds more than one partial frame plus one feed slice, so
-    memory per session is bounded whatever the peer sends. After the first
-    error the decoder stays failed: a stream with a framing error cannot be
-    resynchronised.
+    ``max_payload`` bounds every ``bin`` (stream chunk or datagram). A frame
+    that has consumed more than ``max_frame`` bytes without completing is an
+    error, checked after every feed slice; msgpack advances its read position
+    while it parses a partial object, so the bound is kept on the bytes since
+    the last frame boundary, which covers both unparsed bytes and the objects
+    already built for the partial frame. After the first error the decoder
+    stays failed: a stream with a framing error cannot be resynchronised.
     """
 
-    __slots__ = ("_error", "_fed", "_unpacker", "max_buffer", "max_payload")
+    __slots__ = (
+        "_error",
+        "_fed",
+        "_frame_start",
+        "_unpacker",
+        "max_buffer",
+        "max_frame",
+        "max_payload",
+    )
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
-        self.max_buffer = max_payload + MAX_STR * 4 + FEED_SLICE
+        self.max_frame = max_payload + MAX_CONTROL_FRAME
+        self.max_buffer = self.max_frame + FEED_SLICE
         self._error: RemoteProtocolError | None = None
         self._fed = 0
+        self._frame_start = 0
         self._unpacker = msgpack.Unpacker(
             raw=False,
             use_list=True,
@@ -115,8 +134,8 @@ class FrameDecoder:
         )
 
     def buffered(self) -> int:
-        """Bytes held for a partial frame (never above ``max_buffer``)."""
-        return self._fed - self._unpacker.tell()  # type: ignore[no-any-return]
+        """Bytes of the partial frame received so far (never above ``max_buffer``)."""
+        return self._fed - self._frame_start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume bytes; return every complete frame they finish, in order."""
@@ -124,13 +143,19 @@ class FrameDecoder:
             raise self._error
         frames: list[Frame] = []
         view = memoryview(data)
+        unpacker = self._unpacker
         try:
             for start in range(0, len(view), FEED_SLICE):
                 piece = view[start : start + FEED_SLICE]
-                self._unpacker.feed(piece)
+                unpacker.feed(piece)
                 self._fed += len(piece)
-                for obj in self._unpacker:
+                for obj in unpacker:
                     frames.append(validate_frame(obj))
+                    self._frame_start = unpacker.tell()
+                if self._fed - self._frame_start > self.max_frame:
+                    raise FrameTooLargeError(
+                        f"frame exceeds {self.max_frame} bytes without completing"
+                    )
         except RemoteProtocolError as exc:
             self._error = exc
             raise
@@ -158,7 +183,7 @@ def validate_frame(obj: Any) -> Frame:
         raise FrameDecodeError(f"frame must be a non-empty array, got {type(obj).__name__}")
     frame_type = obj[0]
     # Fast path for the two frames that carry payload.
-    if len(obj) == 3 and frame_type in (_DATAGRAM, _STREAM_DATA):
+    if len(obj) == 3 and type(frame_type) is int and frame_type in (_DATAGRAM, _STREAM_DATA):
         fid, payload = obj[1], obj[2]
         if type(fid) is int and type(payload) is bytes and 0 <= fid < MAX_WIRE_INT:
             if frame_type == _DATAGRAM:
@@ -199,3 +224,19 @@ def _check_field(name: str, index: int, kind: str, value: Any) -> None:
         raise AssertionError(kind)
     if not ok:
         raise FrameDecodeError(f"{name} frame field {index} must be {kind}, got {value!r:.60}")
+
+
+def check_meta(meta: dict[str, Any], what: str) -> None:
+    """Refuse (locally) metadata the peer's decoder would reject."""
+    if len(meta) > MAX_MAP:
+        raise LocalProtocolError(f"{what}: more than {MAX_MAP} metadata entries")
+    for key, value in meta.items():
+        if type(key) is not str or not isinstance(value, _META_SCALARS):
+            raise LocalProtocolError(f"{what}: metadata {key!r} must map a string to a scalar")
+        if (isinstance(value, str | bytes) and len(value) > MAX_STR) or len(key) > MAX_STR:
+            raise LocalProtocolError(f"{what}: metadata {key!r} is longer than {MAX_STR}")
+
+
+def cut_reason(reason: str) -> str:
+    """A GOAWAY reason short enough for any peer's decoder."""
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."

@@ -279,11 +279,6 @@ def test_huge_bin_header_is_rejected_by_the_buffer_bound() -> None:
     assert fed <= decoder.max_buffer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec bug: buffered() bounds unparsed bytes only; a frame's already-parsed "
-    "elements are held by msgpack without limit until the frame completes",
-)
 def test_an_unfinished_oversized_frame_is_rejected_before_it_completes() -> None:
     """Memory per session must stay bounded even when the peer never finishes a frame.
 

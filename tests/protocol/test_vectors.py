@@ -37,14 +37,7 @@ DEFAULT_MAX_PAYLOAD: int = VECTORS["default_max_payload"]
 
 # Malformed vectors the current codec accepts although the spec rejects them.
 # Strict xfail: once the codec is fixed these XPASS and the entry must go.
-KNOWN_BUGS: dict[str, str] = {
-    "frame type as float64 21.0 on the DATAGRAM shape": (
-        "codec.validate_frame fast path tests `frame_type in (21, 12)`, which a float matches"
-    ),
-    "frame type as float64 12.0 on the STREAM_DATA shape": (
-        "codec.validate_frame fast path tests `frame_type in (21, 12)`, which a float matches"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _field_from_json(kind: str, value: Any) -> Any:
