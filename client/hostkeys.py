@@ -42,8 +42,7 @@ class HostKeyVerifier:
                     f"cannot read known hosts file {self.known_hosts}: {exc}"
                 )
                 return False
-            result = known.match(host, addr, port)
-            trusted, revoked = list(result[0]), list(result[2])
+            trusted, revoked = self._lookup(known, host, addr, port)
         label = self.pattern(host, port)
         if key in revoked:
             self.failure = HostKeyError(f"host key {fingerprint} of {label} is marked @revoked")
@@ -66,6 +65,27 @@ class HostKeyVerifier:
             return False
         self._store(label, key)
         return True
+
+    @staticmethod
+    def _lookup(
+        known: asyncssh.SSHKnownHosts, host: str, addr: str, port: int
+    ) -> tuple[list[asyncssh.SSHKey], list[asyncssh.SSHKey]]:
+        """(trusted, revoked) keys listed for exactly this host and port.
+
+        ``SSHKnownHosts.match`` retries without the port when nothing matches
+        ``[host]:port``, which would trust (or call "changed") the VPS's sshd key
+        for the relay. Looking up the bracketed names with no port never falls back.
+        """
+        if port == 22:
+            result = known.match(host, addr, None)
+            return list(result[0]), list(result[2])
+        trusted: list[asyncssh.SSHKey] = []
+        revoked: list[asyncssh.SSHKey] = []
+        for name in dict.fromkeys(n for n in (host, addr) if n):
+            result = known.match(f"[{name}]:{port}", "", None)
+            trusted += result[0]
+            revoked += result[2]
+        return trusted, revoked
 
     def _store(self, label: str, key: asyncssh.SSHKey) -> None:
         line = f"{label} {key.export_public_key('openssh').decode().strip()}\n"
