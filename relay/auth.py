@@ -1,7 +1,8 @@
 """Who may connect and what each key may listen on (fail closed).
 
 Keys come from an OpenSSH ``authorized_keys`` file. Per-key permissions use
-OpenSSH's own options: ``no-port-forwarding`` forbids every forward and
+OpenSSH's own options: ``no-port-forwarding`` forbids every forward (so does
+``restrict`` unless ``port-forwarding`` re-enables it, as in OpenSSH) and
 ``permitlisten="[host:]port[/tcp|/udp]"`` (repeatable; port may be ``*``)
 restricts them. A key without options may listen on unprivileged ports
 (1024-65535, or 0 for "any free port"). Permissions are checked on every
@@ -49,7 +50,10 @@ class KeyPermissions:
     def check(self, request: ForwardRequest) -> str | None:
         """None if allowed, else the reason (sent to the client)."""
         if not self.forwarding:
-            return "this key has no-port-forwarding in the relay's authorized_keys"
+            return (
+                "port forwarding is off for this key in the relay's authorized_keys "
+                "(no-port-forwarding, or restrict without port-forwarding)"
+            )
         if self.rules:
             if any(rule.allows(request) for rule in self.rules):
                 return None
@@ -146,9 +150,12 @@ class AuthorizedKeys:
         assert isinstance(listen, list)
         rules = tuple(parse_listen_rule(str(text)) for text in listen)
         comment = key.get_comment() or ""
+        forwarding = not options.get("no-port-forwarding", False) and (
+            not options.get("restrict", False) or bool(options.get("port-forwarding", False))
+        )
         return KeyPermissions(
             fingerprint=key.get_fingerprint("sha256"),
             comment=comment,
-            forwarding=not options.get("no-port-forwarding", False),
+            forwarding=forwarding,
             rules=rules,
         )
