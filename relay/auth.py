@@ -6,11 +6,14 @@ OpenSSH's own options: ``no-port-forwarding`` forbids every forward (so does
 ``permitlisten="[host:]port[/tcp|/udp]"`` (repeatable; port may be ``*``)
 restricts them. A key without options may listen on unprivileged ports
 (1024-65535, or 0 for "any free port"). Permissions are checked on every
-forward request, not only at login.
+forward request, not only at login. The file is re-read when it changes; once
+it holds no key (emptied or deleted) nobody may log in.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +24,15 @@ from sshrelay.protocol.forwards import ForwardRequest
 
 _PERMITLISTEN = re.compile(r'permitlisten="([^"]*)"')
 
+log = logging.getLogger("sshrelay.relay")
+
 
 class AuthSetupError(Exception):
     """The authorized keys cannot be used; the message says how to fix it."""
+
+    def __init__(self, message: str, no_keys: bool = False) -> None:
+        super().__init__(message)
+        self.no_keys = no_keys  # the file is missing or lists no key at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +97,7 @@ class AuthorizedKeys:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._mtime: float | None = None
+        self._signature: tuple[int, int, int] | None = None
         self._keys = asyncssh.SSHAuthorizedKeys()
         self._count = 0
         self.reload()
@@ -105,7 +114,8 @@ class AuthorizedKeys:
             raise AuthSetupError(
                 f"authorized keys file {self.path} does not exist. Create it with the client's "
                 f"public key, e.g.:  relay keygen ~/.ssh/sshrelay_ed25519  and then copy "
-                f"~/.ssh/sshrelay_ed25519.pub into {self.path}"
+                f"~/.ssh/sshrelay_ed25519.pub into {self.path}",
+                no_keys=True,
             ) from None
         except OSError as exc:
             raise AuthSetupError(f"cannot read {self.path}: {exc.strerror}") from None
@@ -115,7 +125,8 @@ class AuthorizedKeys:
         if not lines:
             raise AuthSetupError(
                 f"no client key is authorized: {self.path} is empty. Refusing to start. "
-                f"Add a client's public key (the .pub file written by `relay keygen FILE`)"
+                f"Add a client's public key (the .pub file written by `relay keygen FILE`)",
+                no_keys=True,
             )
         try:
             keys = asyncssh.import_authorized_keys(text)
@@ -129,18 +140,30 @@ class AuthorizedKeys:
                     raise AuthSetupError(f"{self.path}: {exc}") from None
         self._keys = keys
         self._count = len(lines)
-        self._mtime = stat.st_mtime
+        self._signature = _signature(stat)
 
     def maybe_reload(self) -> None:
+        """Re-read the file if it changed. No key left (emptied, deleted): nobody may log in;
+        a file that does not parse: keep the last good keys (an edit in progress)."""
         try:
-            mtime = self.path.stat().st_mtime
+            signature: tuple[int, int, int] | None = _signature(self.path.stat())
+        except FileNotFoundError:
+            signature = None
         except OSError:
-            return  # keep the keys we have
-        if mtime != self._mtime:
-            try:
-                self.reload()
-            except AuthSetupError:
-                pass  # keep serving with the last good file
+            return  # cannot tell: keep the keys we have
+        if signature == self._signature:
+            return
+        try:
+            self.reload()
+        except AuthSetupError as exc:
+            self._signature = signature
+            if exc.no_keys:
+                if self._count:
+                    log.warning("%s; every client key is refused until one is added", exc)
+                self._keys = asyncssh.SSHAuthorizedKeys()
+                self._count = 0
+            else:
+                log.warning("%s; keeping the keys read before", exc)
 
     def lookup(self, key: asyncssh.SSHKey, peer_host: str, peer_addr: str) -> KeyPermissions | None:
         options = self._keys.validate(key, peer_host, peer_addr)
@@ -159,3 +182,8 @@ class AuthorizedKeys:
             forwarding=forwarding,
             rules=rules,
         )
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    """What tells a changed file apart (mtime alone misses edits within one clock tick)."""
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
