@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ async def dial_stream(session: MuxChannelSession, event: StreamOpened, target: L
             label,
             target.spec.host,
             target.spec.host_port,
-            exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__,
+            _reason(exc),
         )
         session.detach_stream(event.stream_id)
         try:
@@ -82,6 +83,16 @@ async def dial_stream(session: MuxChannelSession, event: StreamOpened, target: L
         return
     bridge.tunnel_accepted()
     session.kick()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a dial failed, e.g. "Connection refused" (asyncio's own loop puts
+    "Connect call failed (...)" in strerror and keeps the reason only in errno)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {DIAL_TIMEOUT:g} s"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 class LocalFlow:
