@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sshrelay.client.connect import EXIT_CONNECT, Client, ClientError, ClientOptions
+from sshrelay.client.connect import EXIT_CONNECT, EXIT_USAGE, Client, ClientError, ClientOptions
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
+from sshrelay.protocol.aio.metrics import start_metrics
 from sshrelay.protocol.aio.tomlconfig import (
     ConfigError,
     Setting,
@@ -90,7 +91,9 @@ def add_parser(commands: Any) -> None:
         default=None,
         help="store an unknown relay host key (like StrictHostKeyChecking=accept-new)",
     )
-    connect.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    connect.add_argument(
+        "--metrics", metavar="HOST:PORT", help="Prometheus /metrics (default 127.0.0.1:9818; 'off')"
+    )
     connect.add_argument(
         "--config", metavar="FILE", type=Path, help="TOML file with a [connect] section"
     )
@@ -238,11 +241,18 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         usage_error("relay connect", str(exc))
     setup_logging(values.get("log_level", "info"))
-    return run_loop(_connect(options))
+    return run_loop(_connect(options, values.get("metrics")))
 
 
-async def _connect(options: ClientOptions) -> int:
+async def _connect(options: ClientOptions, metrics: str | None = None) -> int:
     client = Client(options)
+    try:
+        _, metrics_url = await start_metrics(metrics, [client.metrics], "client")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"relay connect: metrics: {exc}\n")
+        return EXIT_USAGE
+    if metrics_url:
+        print(f"relay: metrics on {metrics_url}", flush=True)
     try:
         await client.connect()
     except ClientError as exc:

@@ -17,6 +17,7 @@ import asyncssh
 
 from sshrelay.client.dialers import LocalTarget, dial_stream, open_local_flow
 from sshrelay.client.hostkeys import HostKeyVerifier
+from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.aio.sshtuning import (
     CHANNEL_MAX_PKTSIZE,
@@ -34,6 +35,7 @@ from sshrelay.protocol.events import (
     StreamOpened,
 )
 from sshrelay.protocol.forwards import FORWARD_REQUEST, ForwardRequest, ForwardSpec
+from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.client")
 
@@ -82,9 +84,18 @@ class ClientChannelSession(MuxChannelSession, asyncssh.SSHClientSession[bytes]):
     """The client's end of the channel."""
 
 
+def _new_session(
+    config: MuxConfig, policy: _ClientPolicy, names: dict[int, ForwardKey]
+) -> ClientChannelSession:
+    session = ClientChannelSession(Role.CLIENT, config, policy)
+    session.forward_names = names
+    return session
+
+
 class _ClientPolicy:
-    def __init__(self, targets: dict[int, LocalTarget]) -> None:
+    def __init__(self, targets: dict[int, LocalTarget], metrics: MetricsBook) -> None:
         self.targets = targets
+        self.metrics = metrics
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ended: asyncio.Future[ConnectionTerminated] = (
             asyncio.get_running_loop().create_future()
@@ -92,10 +103,12 @@ class _ClientPolicy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def session_ready(self, session: MuxChannelSession) -> None:
+        self.metrics.session_started(session)
         if not self.ready.done():
             self.ready.set_result(None)
 
     def session_ended(self, session: MuxChannelSession, event: ConnectionTerminated) -> None:
+        self.metrics.session_finished(session)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(event.reason or describe_code(event.code)))
         if not self.ended.done():
@@ -129,8 +142,11 @@ class _ClientPolicy:
 
 
 class Client:
-    def __init__(self, options: ClientOptions) -> None:
+    def __init__(self, options: ClientOptions, metrics: MetricsBook | None = None) -> None:
         self.options = options
+        self.metrics = metrics or MetricsBook("client")
+        for spec in options.forwards:
+            self.metrics.forward_key(spec.label, spec.proto)
         self.session: ClientChannelSession | None = None
         self.conn: asyncssh.SSHClientConnection | None = None
         self.bound: dict[int, tuple[str, int]] = {}  # forward id -> (bind, port) on the relay
@@ -193,10 +209,13 @@ class Client:
         if verifier.added:
             log.warning("stored the relay's host key for %s in %s", where, options.known_hosts)
 
-        policy = _ClientPolicy(targets)
+        policy = _ClientPolicy(targets, self.metrics)
+        names = {
+            i: self.metrics.forward_key(t.spec.label, t.spec.proto) for i, t in targets.items()
+        }
         try:
             _, session = await self.conn.create_session(
-                lambda: ClientChannelSession(Role.CLIENT, options.mux, policy),
+                lambda: _new_session(options.mux, policy, names),
                 subsystem=SUBSYSTEM,
                 encoding=None,
                 window=CHANNEL_WINDOW,

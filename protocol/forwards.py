@@ -133,7 +133,7 @@ class ForwardRequest:
     @classmethod
     def from_spec(cls, forward: int, spec: ForwardSpec) -> ForwardRequest:
         return cls(
-            forward, spec.proto, spec.bind, spec.port, spec.name, spec.idle_timeout, spec.max_flows
+            forward, spec.proto, spec.bind, spec.port, spec.label, spec.idle_timeout, spec.max_flows
         )
 
     def to_body(self) -> Meta:

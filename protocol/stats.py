@@ -63,6 +63,14 @@ class Histogram:
         self.count += 1
         self.sum += value
 
+    def merge(self, other: Histogram) -> None:
+        if other.bounds != self.bounds:
+            raise ValueError("cannot merge histograms with different buckets")
+        for index, count in enumerate(other.counts):
+            self.counts[index] += count
+        self.count += other.count
+        self.sum += other.sum
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, cumulative count) pairs ending with +Inf."""
         out: list[tuple[float, int]] = []
@@ -167,3 +175,86 @@ class Counters:
         if counters is None:
             counters = self.forwards[forward] = ForwardCounters()
         return counters
+
+
+# ---------------------------------------------------------------------- aggregation
+
+ForwardKey = tuple[str, str]  # (configured forward name, proto)
+
+_FORWARD_FIELDS: Final = (
+    "bytes_in",
+    "bytes_out",
+    "datagrams_in",
+    "datagrams_out",
+    "streams_opened",
+    "streams_active",
+    "flows_opened",
+    "flows_active",
+)
+
+
+class Snapshot:
+    """Counters of one or many multiplexers, keyed by forward *name* (ids are per session).
+
+    The metrics exporter sums the snapshots of finished sessions (kept as a running
+    total) and of live ones at scrape time, so every counter stays monotonic across
+    reconnects while the hot path keeps bumping plain integers.
+    """
+
+    __slots__ = ("counts", "forwards", "histograms")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], float] = {}
+        self.forwards: dict[ForwardKey, dict[str, int]] = {}
+        self.histograms: dict[str, Histogram] = {
+            "rtt": Histogram(),
+            "queue_wait": Histogram(),
+        }
+
+    def add_counters(self, counters: Counters, names: dict[int, ForwardKey]) -> None:
+        counts = self.counts
+
+        def bump(key: tuple[str, ...], value: float) -> None:
+            counts[key] = counts.get(key, 0) + value
+
+        bump(("wire_bytes", "out"), counters.bytes_sent)
+        bump(("wire_bytes", "in"), counters.bytes_received)
+        for name, value in counters.frames_sent.items():
+            bump(("frames", name, "out"), value)
+        for name, value in counters.frames_received.items():
+            bump(("frames", name, "in"), value)
+        for reason, value in counters.drops.items():
+            bump(("drops", reason), value)
+        for reason, value in counters.flows_closed.items():
+            bump(("flows_closed", reason), value)
+        for how, value in counters.streams_closed.items():
+            bump(("streams_closed", how), value)
+        bump(("credit_stalls",), counters.credit_stalls)
+        bump(("pings",), counters.pings_sent)
+        bump(("pongs",), counters.pongs_received)
+        for forward_id, traffic in counters.forwards.items():
+            forward = names.get(forward_id)
+            if forward is None:
+                continue  # a forward that was refused or not configured here
+            totals = self.forwards.setdefault(forward, dict.fromkeys(_FORWARD_FIELDS, 0))
+            for field in _FORWARD_FIELDS:
+                totals[field] += getattr(traffic, field)
+        self.histograms["rtt"].merge(counters.rtt)
+        self.histograms["queue_wait"].merge(counters.queue_wait)
+
+    def add(self, other: Snapshot) -> None:
+        for key, value in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + value
+        for forward, fields in other.forwards.items():
+            totals = self.forwards.setdefault(forward, dict.fromkeys(_FORWARD_FIELDS, 0))
+            for field, value in fields.items():
+                totals[field] += value
+        for kind, histogram in other.histograms.items():
+            self.histograms[kind].merge(histogram)
+
+    def finished(self) -> Snapshot:
+        """This snapshot as part of a finished total: nothing is active any more."""
+        for fields in self.forwards.values():
+            fields["streams_active"] = 0
+            fields["flows_active"] = 0
+        return self

@@ -14,6 +14,7 @@ from typing import Any
 from sshrelay.protocol.aio.keys import KeyFileError, fingerprint
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
+from sshrelay.protocol.aio.metrics import start_metrics
 from sshrelay.protocol.aio.tomlconfig import (
     ConfigError,
     Setting,
@@ -110,7 +111,9 @@ def add_parser(commands: Any) -> None:
         metavar="FILE",
         help="client keys (default ~/.config/sshrelay/authorized_keys)",
     )
-    serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT", help="Prometheus /metrics (default 127.0.0.1:9817; 'off')"
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(run=run)
 
@@ -162,11 +165,20 @@ def run(args: argparse.Namespace) -> int:
         f"relay: host key {fingerprint(host_key)} ({'generated ' if created else ''}{key_path})",
         flush=True,
     )
-    return run_loop(_serve(options, host_key, keys))
+    return run_loop(_serve(options, host_key, keys, values.get("metrics")))
 
 
-async def _serve(options: RelayOptions, host_key: Any, keys: AuthorizedKeys) -> int:
+async def _serve(
+    options: RelayOptions, host_key: Any, keys: AuthorizedKeys, metrics: str | None
+) -> int:
     server = RelayServer(options, host_key, keys)
+    try:
+        _, metrics_url = await start_metrics(metrics, [server.metrics], "relay")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"relay serve: metrics: {exc}\n")
+        return 1
+    if metrics_url:
+        print(f"relay: metrics on {metrics_url}", flush=True)
     try:
         await server.start()
     except OSError as exc:

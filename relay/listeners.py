@@ -14,6 +14,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.aio.tcp import TcpStreamBridge
 from sshrelay.protocol.aio.udp import Address, UdpSocket
@@ -167,11 +168,11 @@ class _PublicFlow:
 class UdpListener(Listener):
     proto = "udp"
 
-    def __init__(self, request: ForwardRequest, owner: str) -> None:
+    def __init__(self, request: ForwardRequest, owner: str, metrics: MetricsBook) -> None:
         super().__init__(request, owner)
         self.sock: UdpSocket | None = None
         self.table = PeerFlowTable(request.max_flows)
-        self.no_session_drops = 0  # datagrams that arrived while no client was attached
+        self.metrics = metrics
         self.send_drops = 0  # replies the kernel refused
         self._loop = asyncio.get_running_loop()
 
@@ -190,7 +191,7 @@ class UdpListener(Listener):
     def _datagram(self, data: bytes, addr: Address) -> None:
         binding = self.binding
         if binding is None or not binding.session.mux.is_open:
-            self.no_session_drops += 1
+            self.metrics.extra_drops["no_session"] += 1
             return
         session = binding.session
         mux = session.mux
@@ -203,6 +204,7 @@ class UdpListener(Listener):
                 session.detach_flow(victim)
                 mux.close_flow(victim, ErrorCode.EVICTED)
                 self.table.evictions += 1
+                self.metrics.flows_evicted += 1
             try:
                 flow_id = mux.open_flow(
                     binding.forward,
@@ -212,7 +214,7 @@ class UdpListener(Listener):
                 )
             except LocalProtocolError as exc:
                 log.warning("%s: cannot open a flow for %s: %s", self.name, format_peer(addr), exc)
-                self.no_session_drops += 1
+                self.metrics.extra_drops["no_session"] += 1  # no flow can carry it
                 return
             self.table.add(addr, flow_id)
             session.attach_flow(flow_id, _PublicFlow(self, addr, flow_id))
@@ -247,7 +249,8 @@ def _bind_error(proto: str, host: str, port: int, exc: OSError) -> ForwardRefuse
 class PortRegistry:
     """All public listeners of the relay, by (proto, bind address, port)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: MetricsBook) -> None:
+        self.metrics = metrics
         self.listeners: dict[tuple[str, str, int], Listener] = {}
 
     async def claim(self, request: ForwardRequest, owner: str, binding: ForwardBinding) -> Listener:
@@ -269,7 +272,7 @@ class PortRegistry:
         if request.proto == "tcp":
             listener = TcpListener(request, owner)
         else:
-            listener = UdpListener(request, owner)
+            listener = UdpListener(request, owner, self.metrics)
         await listener.open()
         listener.attach(binding)
         self.listeners[listener.key] = listener

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import asyncssh
 
+from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.aio.sshtuning import (
     CHANNEL_MAX_PKTSIZE,
@@ -54,15 +55,6 @@ class RelayOptions:
     login_timeout: float = 30.0
 
 
-class RelayStats:
-    """Relay-wide counters that outlive sessions (read by the metrics collector)."""
-
-    def __init__(self) -> None:
-        self.sessions_total = 0
-        self.auth_failures: dict[str, int] = {"unknown_key": 0, "method_refused": 0}
-        self.forwards_refused: dict[str, int] = {}
-
-
 class RelayServer:
     """Owns the SSH listener, live sessions and the public port registry."""
 
@@ -70,9 +62,10 @@ class RelayServer:
         self.options = options
         self.host_key = host_key
         self.keys = keys
-        self.registry = PortRegistry()
+        self.metrics = MetricsBook("relay")
+        self.registry = PortRegistry(self.metrics)
         self.sessions: set[RelayChannelSession] = set()
-        self.stats = RelayStats()
+        self.metrics.auth_failures.update(unknown_key=0)
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     async def start(self) -> None:
@@ -153,7 +146,7 @@ class _SshServer(asyncssh.SSHServer):
         host = peer[0] if peer else ""
         permissions = self.relay.keys.lookup(key, host, host)
         if permissions is None:
-            self.relay.stats.auth_failures["unknown_key"] += 1
+            self.relay.metrics.auth_failures["unknown_key"] += 1
             log.warning(
                 "login refused from %s: key %s is not authorized",
                 self.peer,
@@ -226,7 +219,6 @@ class RelayChannelSession(MuxChannelSession, asyncssh.SSHServerSession[bytes]):
     def session_started(self) -> None:
         if self._mode == "mux":
             self.relay.sessions.add(self)
-            self.relay.stats.sessions_total += 1
             super().session_started()
             return
         chan = cast(asyncssh.SSHServerChannel[bytes], self._chan)
@@ -257,10 +249,12 @@ class _RelayPolicy:
         self.session = session
 
     def session_ready(self, session: MuxChannelSession) -> None:
+        self.session.relay.metrics.session_started(session)
         log.info("%s connected", self.session.who)
 
     def session_ended(self, session: MuxChannelSession, event: ConnectionTerminated) -> None:
         relay_session = self.session
+        relay_session.relay.metrics.session_finished(session)
         for listener in relay_session.listeners:
             relay_session.relay.registry.release(listener)
             log.info("%s: forward %s closed (session ended)", relay_session.who, listener.name)
@@ -300,7 +294,8 @@ class _RelayPolicy:
             )
         except ForwardRefused as exc:
             reason = ErrorCode(exc.code).name.lower()
-            relay.stats.forwards_refused[reason] = relay.stats.forwards_refused.get(reason, 0) + 1
+            refused = relay.metrics.forwards_refused
+            refused[reason] = refused.get(reason, 0) + 1
             log.warning(
                 "%s: forward %s refused: %s", relay_session.who, request.name or request.port, exc
             )
@@ -310,6 +305,9 @@ class _RelayPolicy:
             relay.registry.release(listener)
             return
         relay_session.listeners.append(listener)
+        relay_session.forward_names[request.forward] = relay.metrics.forward_key(
+            listener.name, listener.proto
+        )
         log.info(
             "%s: forward %s listening on %s %s:%d",
             relay_session.who,

@@ -42,6 +42,7 @@ from sshrelay.protocol.events import (
 )
 from sshrelay.protocol.frames import Meta
 from sshrelay.protocol.multiplexer import Multiplexer
+from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.session")
 
@@ -92,6 +93,8 @@ class MuxChannelSession(SSHSession[bytes]):
         self._timer_at: float | None = None
         self._requests: dict[int, asyncio.Future[tuple[int, Meta]]] = {}
         self._write_blocked = False
+        self.forward_names: dict[int, ForwardKey] = {}  # forward id -> metric labels
+        self.write_stalls = 0  # flushes that found the SSH buffers full
 
     # ------------------------------------------------------------------ asyncssh callbacks
 
@@ -159,6 +162,7 @@ class MuxChannelSession(SSHSession[bytes]):
             if self._watch is not None:
                 room -= self._watch.buffered()
             if room <= 0:
+                self.write_stalls += 1
                 break
             data = mux.data_to_send(room, self.loop.time())
             if not data:
