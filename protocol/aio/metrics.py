@@ -256,11 +256,11 @@ class TunnelCollector(Collector):
                     fwd_streams.add_metric([role, name], fields.get("streams_active", 0))
                     fwd_streams_opened.add_metric([role, name], fields.get("streams_opened", 0))
             closed = dict.fromkeys(EXPORTED_FLOW_CLOSE_REASONS, 0.0)
-            for key, value in counts.items():
+            for key, closed_count in counts.items():
                 if key[0] == "flows_closed":
-                    closed[FLOW_CLOSE_REASONS.get(key[1], "session_end")] += value
-            for reason, value in closed.items():
-                flows_closed.add_metric([role, reason], value)
+                    closed[FLOW_CLOSE_REASONS.get(key[1], "session_end")] += closed_count
+            for reason, closed_total in closed.items():
+                flows_closed.add_metric([role, reason], closed_total)
             evicted.add_metric([role], book.flows_evicted)
             for reason in DROP_REASONS:
                 dropped = counts.get(("drops", reason), 0) + book.extra_drops.get(reason, 0)
