@@ -20,7 +20,7 @@ import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.session import SSHSession
 
-from sshrelay.protocol.aio.sshtuning import WRITE_HIGH_WATER, TransportWatch
+from sshrelay.protocol.aio.sshtuning import READ_BURST, WRITE_HIGH_WATER, TransportWatch
 from sshrelay.protocol.config import MuxConfig, Role
 from sshrelay.protocol.errors import ErrorCode
 from sshrelay.protocol.events import (
@@ -95,6 +95,8 @@ class MuxChannelSession(SSHSession[bytes]):
         self._write_blocked = False
         self.forward_names: dict[int, ForwardKey] = {}  # forward id -> metric labels
         self.write_stalls = 0  # flushes that found the SSH buffers full
+        self._burst = 0  # channel bytes handled in this loop pass
+        self._read_yielded = False
 
     # ------------------------------------------------------------------ asyncssh callbacks
 
@@ -113,6 +115,18 @@ class MuxChannelSession(SSHSession[bytes]):
         if events:
             self._dispatch(events)
         self.flush()
+        self._burst += len(data)
+        if self._burst >= READ_BURST and not self._read_yielded and self._watch is not None:
+            # Let the loop poll the other sockets before we read more of this one.
+            self._read_yielded = True
+            self._watch.pause_reading()
+            self.loop.call_soon(self._resume_after_burst)
+
+    def _resume_after_burst(self) -> None:
+        self._burst = 0
+        self._read_yielded = False
+        if self._watch is not None and self.termination is None:
+            self._watch.resume_reading()
 
     def eof_received(self) -> bool:
         self._terminate_locally(ErrorCode.NO_ERROR, "channel EOF from peer")

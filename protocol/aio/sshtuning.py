@@ -30,6 +30,10 @@ CHANNEL_WINDOW: Final = 8 * 1024 * 1024  # SSH channel window: ample for long fa
 CHANNEL_MAX_PKTSIZE: Final = 32768  # OpenSSH's maximum is 32 KiB + headers
 WRITE_HIGH_WATER: Final = 256 * 1024  # unsent bytes we allow below our scheduler
 NOTSENT_LOWAT: Final = 128 * 1024
+# Bytes of channel data handled per event-loop pass before the SSH socket yields to
+# the others. libuv reads a busy socket up to 32 times per pass; without a bound a
+# bulk stream keeps UDP sockets (and their datagrams' latency) waiting for megabytes.
+READ_BURST: Final = 256 * 1024
 
 
 def connection_options() -> dict[str, Any]:
@@ -83,6 +87,16 @@ class TransportWatch:
     def remove(self, callback: Callable[[], None]) -> None:
         if callback in self._callbacks:
             self._callbacks.remove(callback)
+
+    def pause_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def buffered(self) -> int:
         transport = self._transport
