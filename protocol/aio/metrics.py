@@ -26,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sshrelay import __version__
+from sshrelay.protocol.frames import FrameType
 from sshrelay.protocol.multiplexer import Multiplexer
 from sshrelay.protocol.stats import SEND_DROP_REASONS, ForwardKey, Histogram, Snapshot
 
@@ -269,9 +270,10 @@ class TunnelCollector(Collector):
             write_stalls.add_metric([role], write_stall_count)
             for direction in ("in", "out"):
                 wire.add_metric([role, direction], counts.get(("wire_bytes", direction), 0))
-            for key, frame_count in sorted(counts.items()):
-                if key[0] == "frames":
-                    frames.add_metric([role, key[1], key[2]], frame_count)
+            for frame_type in FrameType:
+                for direction in ("in", "out"):
+                    frame_count = counts.get(("frames", frame_type.name, direction), 0)
+                    frames.add_metric([role, frame_type.name, direction], frame_count)
             histograms.append(
                 _histogram(
                     f"{p}_rtt_seconds",
