@@ -109,7 +109,7 @@ def test_counters_are_monotonic_across_session_churn_and_move_while_live() -> No
     names = {1: book.forward_key("web", "tcp"), 2: book.forward_key("wg", "udp")}
     seen: list[float] = []
     for _ in range(3):
-        pair, sid, fid = _busy_pair()
+        pair, sid, _fid = _busy_pair()
         session = FakeSession(pair.client, names)
         book.session_started(session)
         live_before = _sample(
