@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from time import monotonic
 
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.aio.tcp import TcpStreamBridge
@@ -98,19 +99,18 @@ def _reason(exc: BaseException) -> str:
 class LocalFlow:
     """One public peer's datagrams <-> a connected UDP socket toward the target."""
 
-    __slots__ = ("flow_id", "loop", "session", "sock")
+    __slots__ = ("flow_id", "session", "sock")
 
     def __init__(self, session: MuxChannelSession, flow_id: int, target: LocalTarget) -> None:
         assert target.sockaddr is not None
         self.session = session
         self.flow_id = flow_id
-        self.loop = asyncio.get_running_loop()
         self.sock = UdpSocket.connect(target.sockaddr, target.family, self._reply, session.flush)
 
     def _reply(self, data: bytes, addr: Address) -> None:
         mux = self.session.mux
         if mux.is_open and self.flow_id in self.session.flows:
-            mux.send_datagram(self.flow_id, data, self.loop.time())
+            mux.send_datagram(self.flow_id, data, monotonic())
 
     def tunnel_datagram(self, data: bytes) -> None:
         self.sock.send(data)

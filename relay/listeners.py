@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
+from time import monotonic
 
 from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
@@ -174,7 +175,6 @@ class UdpListener(Listener):
         self.table = PeerFlowTable(request.max_flows)
         self.metrics = metrics
         self.send_drops = 0  # replies the kernel refused
-        self._loop = asyncio.get_running_loop()
 
     async def open(self) -> None:
         try:
@@ -195,7 +195,7 @@ class UdpListener(Listener):
             return
         session = binding.session
         mux = session.mux
-        now = self._loop.time()
+        now = monotonic()
         flow_id = self.table.lookup(addr)
         if flow_id is None:
             victim = self.table.victim()

@@ -67,6 +67,25 @@ def build_parser() -> OneLineParser:
     )
     demo.add_argument("--seconds", type=float, default=2.0, help="length of each load phase")
     demo.set_defaults(run=run_demo)
+
+    status = commands.add_parser(
+        "status",
+        help="summarise a running relay or client from its metrics",
+        description=(
+            "Read a running end's /metrics and print, per forward: state, RTT p50/p99, "
+            "throughput in/out, datagram rate, drops by reason, flows and reconnects."
+        ),
+        epilog=(
+            "examples:\n  relay status                       # tries 127.0.0.1:9817 and :9818\n"
+            "  relay status --metrics 127.0.0.1:9818 --watch"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "--metrics", metavar="URL", action="append", help="metrics URL or HOST:PORT (repeatable)"
+    )
+    status.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    status.set_defaults(run=run_status)
     return parser
 
 
@@ -85,6 +104,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from sshrelay.demo import run_demo as demo
 
     return demo(args.seconds)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from sshrelay.status import run_status as status
+
+    return status(args.metrics or [], args.watch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

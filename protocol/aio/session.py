@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Protocol
 
 import asyncssh
@@ -107,11 +108,11 @@ class MuxChannelSession(SSHSession[bytes]):
         self._watch.on_drain(self._on_drain)
 
     def session_started(self) -> None:
-        self.mux.initiate(self.loop.time())
+        self.mux.initiate(monotonic())
         self.flush()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        events = self.mux.receive_data(data, self.loop.time())
+        events = self.mux.receive_data(data, monotonic())
         if events:
             self._dispatch(events)
         self.flush()
@@ -178,7 +179,7 @@ class MuxChannelSession(SSHSession[bytes]):
             if room <= 0:
                 self.write_stalls += 1
                 break
-            data = mux.data_to_send(room, self.loop.time())
+            data = mux.data_to_send(room, monotonic())
             if not data:
                 break
             try:
@@ -187,7 +188,7 @@ class MuxChannelSession(SSHSession[bytes]):
                 break
         if self.termination is not None:
             # Only the GOAWAY (and frames queued before it) is left: send it and close.
-            tail = mux.data_to_send(None, self.loop.time())
+            tail = mux.data_to_send(None, monotonic())
             try:
                 if tail:
                     chan.write(tail)
@@ -206,12 +207,14 @@ class MuxChannelSession(SSHSession[bytes]):
             self._timer = None
         self._timer_at = when
         if when is not None:
-            self._timer = self.loop.call_at(when, self._on_timer)
+            # The multiplexer's clock is time.monotonic (uvloop's loop.time() only has
+            # millisecond resolution, too coarse for RTTs); convert to a delay.
+            self._timer = self.loop.call_later(max(0.0, when - monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        events = self.mux.handle_timer(self.loop.time())
+        events = self.mux.handle_timer(monotonic())
         if events:
             self._dispatch(events)
         self.flush()
@@ -319,7 +322,7 @@ class MuxChannelSession(SSHSession[bytes]):
 
     def ping(self) -> None:
         if self.mux.is_open:
-            self.mux.send_ping(self.loop.time())
+            self.mux.send_ping(monotonic())
             self.kick()
 
     def attach_stream(self, stream_id: int, endpoint: StreamEndpoint) -> None:
