@@ -346,6 +346,8 @@ class Testbed:
             PYTHONUNBUFFERED="1",
         )
         (root / "home").mkdir()
+        # Metrics on a free port: the defaults are fixed ports another run may hold.
+        self.metrics_args = ["--metrics", f"{LOOPBACK}:0"]
 
     # -- generic commands
 
@@ -399,6 +401,7 @@ class Testbed:
             str(host_key or self.keys.host),
             "--authorized-keys",
             str(self.authorized_keys),
+            *self.metrics_args,
             *extra,
         ]
 
@@ -428,6 +431,7 @@ class Testbed:
             str(key or self.keys.client),
             "--known-hosts",
             str(self.known_hosts),
+            *self.metrics_args,
         ]
         if accept_new:
             argv.append("--accept-new")

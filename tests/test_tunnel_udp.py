@@ -160,7 +160,8 @@ spec = "{bed.forward(target.port, "udp")}"
 idle_timeout = {idle}
 """,
     )
-    proc = bed.start([*bed.relay_argv(), "connect", "--config", str(config)], "relay connect")
+    argv = [*bed.relay_argv(), "connect", "--config", str(config), *bed.metrics_args]
+    proc = bed.start(argv, "relay connect")
     port = int(proc.wait_line(r"^relay: forward game up: relay udp \S+:(\d+) -> ").group(1))
 
     with _peer() as sock:

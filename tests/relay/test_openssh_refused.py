@@ -161,3 +161,29 @@ def test_openssh_with_an_unknown_key_is_refused(bed, require_tool):
     assert result.code == 255, result.describe()
     assert "Permission denied" in result.stderr, result.describe()
     assert EXPLANATION not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_garbage_into_the_subsystem_ends_that_session_only(bed, targets, require_tool):
+    """Raw bytes through `ssh -s sshrelay`: a protocol error closes that session, never the
+    relay, and the relay still serves a real client afterwards."""
+    ssh = require_tool(SSH)
+    target = targets.tcp_echo()
+    relay = bed.serve()
+    garbage = bed.root / "garbage"
+    garbage.write_bytes(os.urandom(200_000))
+    with garbage.open("rb") as stdin:
+        result = bed.run(
+            ssh_argv(ssh, bed, relay, "-s", "127.0.0.1", "sshrelay"),
+            timeout=30,
+            stdin=stdin.fileno(),
+        )
+    assert result.code != 0, "the relay accepted garbage as a working session"
+    assert relay.proc.running(), relay.proc.describe()
+    bed.wait_until(lambda: "disconnected" in relay.proc.stderr, 10, "the relay to end the session")
+    assert "Traceback" not in relay.proc.stderr, relay.proc.describe()
+    tunnel = bed.connect(relay, bed.forward(target.port))
+    with socket.create_connection(("127.0.0.1", tunnel.ports[0]), timeout=10) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"still serving")
+        assert sock.recv(100) == b"still serving"
