@@ -109,6 +109,8 @@ class _ClientPolicy:
 
     def session_ended(self, session: MuxChannelSession, event: ConnectionTerminated) -> None:
         self.metrics.session_finished(session)
+        for key in session.forward_names.values():
+            self.metrics.forward_up[key] = 0
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(event.reason or describe_code(event.code)))
         if not self.ended.done():
@@ -257,6 +259,7 @@ class Client:
             raise ClientError(EXIT_FORWARD_REFUSED, f"forward {spec.describe()} refused: {message}")
         bind, port = str(body.get("bind", "")), int(body.get("port", spec.port) or 0)
         self.bound[index] = (bind, port)
+        self.metrics.forward_up[self.metrics.forward_key(spec.label, spec.proto)] = 1
         log.info(
             "forward %s: relay %s %s:%d -> %s:%d",
             spec.label,

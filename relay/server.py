@@ -255,6 +255,8 @@ class _RelayPolicy:
     def session_ended(self, session: MuxChannelSession, event: ConnectionTerminated) -> None:
         relay_session = self.session
         relay_session.relay.metrics.session_finished(session)
+        for key in relay_session.forward_names.values():
+            relay_session.relay.metrics.forward_up[key] = 0
         for listener in relay_session.listeners:
             relay_session.relay.registry.release(listener)
             log.info("%s: forward %s closed (session ended)", relay_session.who, listener.name)
@@ -305,9 +307,9 @@ class _RelayPolicy:
             relay.registry.release(listener)
             return
         relay_session.listeners.append(listener)
-        relay_session.forward_names[request.forward] = relay.metrics.forward_key(
-            listener.name, listener.proto
-        )
+        key = relay.metrics.forward_key(listener.name, listener.proto)
+        relay_session.forward_names[request.forward] = key
+        relay.metrics.forward_up[key] = 1
         log.info(
             "%s: forward %s listening on %s %s:%d",
             relay_session.who,

@@ -66,6 +66,7 @@ class MetricsBook:
         self.finished_write_stalls = 0
         self.live: set[LiveSession] = set()
         self.forwards: dict[ForwardKey, None] = {}  # configured forwards, in order
+        self.forward_up: dict[ForwardKey, int] = {}  # 1 while the public port is served
         self.connects = 0  # sessions that completed the handshake
         self.disconnects = 0  # sessions that ended after the handshake
         self.reconnects = 0  # client: connects after the first one
@@ -163,6 +164,11 @@ class TunnelCollector(Collector):
         last_rtt = GaugeMetricFamily(
             f"{p}_rtt_last_seconds", "Last in-band PING round-trip time.", labels=["role"]
         )
+        fwd_up = GaugeMetricFamily(
+            f"{p}_forward_up",
+            "1 while the forward's public port is served by a live session.",
+            labels=["role", "forward", "proto"],
+        )
         fwd_bytes = CounterMetricFamily(
             f"{p}_forward_bytes",
             "Payload bytes per forward and direction (in: from the peer end).",
@@ -222,8 +228,8 @@ class TunnelCollector(Collector):
         )
         families: list[Metric] = [
             build, up, sessions, connects, disconnects, reconnects, auth, refused, last_rtt,
-            fwd_bytes, fwd_dgrams, fwd_streams, fwd_flows, fwd_streams_opened, fwd_flows_opened,
-            flows_closed, evicted, drops, stalls, write_stalls, wire, frames,
+            fwd_up, fwd_bytes, fwd_dgrams, fwd_streams, fwd_flows, fwd_streams_opened,
+            fwd_flows_opened, flows_closed, evicted, drops, stalls, write_stalls, wire, frames,
         ]  # fmt: skip
         histograms: list[Metric] = []
         for book in self.books:
@@ -245,6 +251,7 @@ class TunnelCollector(Collector):
             if rtt is not None:
                 last_rtt.add_metric([role], rtt)
             for name, proto in book.forwards:
+                fwd_up.add_metric([role, name, proto], book.forward_up.get((name, proto), 0))
                 fields = snap.forwards.get((name, proto), {})
                 fwd_bytes.add_metric([role, name, proto, "in"], fields.get("bytes_in", 0))
                 fwd_bytes.add_metric([role, name, proto, "out"], fields.get("bytes_out", 0))
