@@ -138,9 +138,25 @@ class FrameDecoder:
         return self._fed - self._frame_start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Consume bytes; return every complete frame they finish, in order."""
+        """Consume bytes; return every complete frame they finish, in order.
+
+        Raises the first ``RemoteProtocolError``; frames before it are lost, so
+        the multiplexer uses ``feed_frames`` instead.
+        """
+        frames, error = self.feed_frames(data)
+        if error is not None:
+            raise error
+        return frames
+
+    def feed_frames(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[Frame], RemoteProtocolError | None]:
+        """Like ``feed`` but returns the frames completed before an error, and the error.
+
+        The result then does not depend on how the peer's bytes were cut.
+        """
         if self._error is not None:
-            raise self._error
+            return [], self._error
         frames: list[Frame] = []
         view = memoryview(data)
         unpacker = self._unpacker
@@ -158,16 +174,15 @@ class FrameDecoder:
                     )
         except RemoteProtocolError as exc:
             self._error = exc
-            raise
         except msgpack.BufferFull as exc:
             self._error = FrameTooLargeError(
                 f"frame exceeds the {self.max_buffer}-byte decode buffer"
             )
-            raise self._error from exc
-        except Exception as exc:
+            self._error.__cause__ = exc
+        except Exception as exc:  # msgpack raises many types; all are the peer's fault
             self._error = _classify_msgpack_error(exc)
-            raise self._error from exc
-        return frames
+            self._error.__cause__ = exc
+        return frames, self._error
 
 
 def _classify_msgpack_error(exc: Exception) -> RemoteProtocolError:
