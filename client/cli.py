@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sshrelay.client.connect import EXIT_CONNECT, EXIT_USAGE, Client, ClientError, ClientOptions
+from sshrelay.client.connect import EXIT_USAGE, Client, ClientError, ClientOptions
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
 from sshrelay.protocol.aio.metrics import start_metrics
+from sshrelay.protocol.aio.sshtuning import DEAD_LINK_TIMEOUT, DeadLink
 from sshrelay.protocol.aio.tomlconfig import (
     ConfigError,
     Setting,
     check_table,
     load_section,
+    non_negative,
     positive,
 )
 from sshrelay.protocol.config import MuxConfig
@@ -59,8 +61,10 @@ SETTINGS: dict[str, Setting] = {
             else "must be debug, info, warning or error"
         ),
     ),
-    "keepalive_interval": Setting(float, positive),
+    "dead_link_timeout": Setting(float, positive),
     "ping_interval": Setting(float, positive),
+    "reconnect": Setting(bool),
+    "max_retries": Setting(int, non_negative),
     "connect_timeout": Setting(float, positive),
     "udp_idle_timeout": Setting(float, positive),
     "max_datagram_age": Setting(float, positive),
@@ -102,6 +106,25 @@ def add_parser(commands: Any) -> None:
         metavar="SECONDS",
         type=float,
         help="idle expiry of UDP flows (default 180)",
+    )
+    connect.add_argument(
+        "--dead-link-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="notice a dead link within this bound (default 12)",
+    )
+    connect.add_argument(
+        "--max-retries",
+        metavar="N",
+        type=int,
+        help="give up after N failed reconnects in a row (default: never)",
+    )
+    connect.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        default=None,
+        help="exit when the tunnel ends instead of reconnecting",
     )
     connect.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     connect.set_defaults(run=run)
@@ -173,6 +196,9 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
         "metrics",
         "log_level",
         "udp_idle_timeout",
+        "dead_link_timeout",
+        "max_retries",
+        "reconnect",
     ):
         flag = getattr(args, key)
         if flag is not None:
@@ -214,7 +240,10 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
         identity = str(default) if default.exists() else None
     if identity is None:
         raise ValueError("no key: pass -i KEYFILE (create one with `relay keygen FILE`)")
-    mux = MuxConfig(ping_interval=values.get("ping_interval", 5.0))
+    dead_link = DeadLink(values.get("dead_link_timeout", DEAD_LINK_TIMEOUT))
+    mux = dead_link.apply(MuxConfig())
+    if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
+        mux.ping_interval = values["ping_interval"]
     if "max_datagram_age" in values:
         mux.max_datagram_age = values["max_datagram_age"]
     options = ClientOptions(
@@ -224,9 +253,11 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
         identity=Path(identity).expanduser(),
         forwards=forwards,
         accept_new=bool(values.get("accept_new", False)),
-        keepalive_interval=values.get("keepalive_interval", 10.0),
         connect_timeout=values.get("connect_timeout", 15.0),
+        dead_link=dead_link,
         mux=mux,
+        reconnect=values.get("reconnect", True),
+        max_retries=values.get("max_retries"),
     )
     if "known_hosts" in values:
         options.known_hosts = Path(values["known_hosts"]).expanduser()
@@ -253,32 +284,26 @@ async def _connect(options: ClientOptions, metrics: str | None = None) -> int:
         return EXIT_USAGE
     if metrics_url:
         print(f"relay: metrics on {metrics_url}", flush=True)
-    try:
-        await client.connect()
-    except ClientError as exc:
-        sys.stderr.write(f"relay connect: {exc}\n")
-        return exc.exit_code
-    for index, spec in enumerate(options.forwards, start=1):
-        bind, port = client.bound[index]
-        print(
-            f"relay: forward {spec.label} up: relay {spec.proto} {bind}:{port} -> "
-            f"{spec.host}:{spec.host_port}",
-            flush=True,
-        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    stopper = asyncio.ensure_future(stop.wait())
-    ended = asyncio.ensure_future(client.wait_closed())
-    await asyncio.wait({stopper, ended}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        log.info("shutting down")
-        client.close()
-        await asyncio.sleep(0.05)  # let the GOAWAY leave
-        ended.cancel()
-        return 0
-    stopper.cancel()
-    event = ended.result()
-    sys.stderr.write(f"relay connect: the tunnel ended: {event.reason or 'connection closed'}\n")
-    return EXIT_CONNECT
+
+    def announce() -> None:
+        for index, spec in enumerate(options.forwards, start=1):
+            bind, port = client.bound[index]
+            print(
+                f"relay: forward {spec.label} up: relay {spec.proto} {bind}:{port} -> "
+                f"{spec.host}:{spec.host_port}",
+                flush=True,
+            )
+
+    try:
+        code = await client.run(stop, announce)
+    except ClientError as exc:
+        sys.stderr.write(f"relay connect: {exc}\n")
+        return exc.exit_code
+    finally:
+        client.parking.close()
+    log.info("shut down")
+    return code

@@ -1,21 +1,28 @@
-"""`relay connect`: one SSH connection, one channel, then the forwards.
+"""`relay connect`: one SSH connection, one channel, then the forwards; and again.
 
-``Client.run_once`` dials the relay, verifies its host key, opens our
-subsystem, requests every forward and then serves streams and flows until the
-session ends. A refused forward fails the whole run: never a silently partial
-tunnel.
+``Client.connect`` dials the relay, verifies its host key, opens our
+subsystem and requests every forward. A refused forward fails the whole run:
+never a silently partial tunnel. ``Client.run`` keeps the tunnel up: when a
+session ends it reconnects with exponential backoff and full jitter, asks for
+the same public ports again (ports the relay chose are pinned), and never
+retries what cannot get better (authentication, host key, refused forwards).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass, field
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from time import monotonic
+from typing import TypeVar
 
 import asyncssh
 
-from sshrelay.client.dialers import LocalTarget, dial_stream, open_local_flow
+from sshrelay.client.dialers import LocalTarget, UdpParking, dial_stream, open_local_flow
 from sshrelay.client.hostkeys import HostKeyVerifier
 from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
@@ -23,6 +30,7 @@ from sshrelay.protocol.aio.sshtuning import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
     SUBSYSTEM,
+    DeadLink,
     connection_options,
 )
 from sshrelay.protocol.config import MuxConfig, Role
@@ -38,6 +46,7 @@ from sshrelay.protocol.forwards import FORWARD_REQUEST, ForwardRequest, ForwardS
 from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.client")
+T = TypeVar("T")
 
 # Exit codes of `relay connect` (docs/operations.md).
 EXIT_OK = 0
@@ -47,12 +56,33 @@ EXIT_AUTH = 4  # authentication or host key failure: never retried
 EXIT_CONNECT = 5  # could not connect / gave up
 
 
-class ClientError(Exception):
-    """A failure with an exit code and a one-line message for the user."""
+FATAL_EXITS = frozenset({EXIT_USAGE, EXIT_FORWARD_REFUSED, EXIT_AUTH})
 
-    def __init__(self, code: int, message: str) -> None:
+
+class ClientError(Exception):
+    """A failure with an exit code, a metrics reason and a one-line message for the user."""
+
+    def __init__(self, code: int, message: str, reason: str = "network") -> None:
         super().__init__(message)
         self.exit_code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog's "full jitter")."""
+
+    first: float = 1.0  # the first retry comes within this many seconds
+    cap: float = 30.0
+    stable: float = 60.0  # a session that lasted this long resets the backoff
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        ceiling = min(self.cap, self.first * 2 ** (attempt - 1))
+        return (rng or _RNG).uniform(0, ceiling)
+
+
+_RNG = random.Random()
 
 
 @dataclass(slots=True)
@@ -65,9 +95,16 @@ class ClientOptions:
     known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     accept_new: bool = False
     connect_timeout: float = 15.0
-    keepalive_interval: float = 10.0
-    keepalive_count_max: int = 3
-    mux: MuxConfig = field(default_factory=lambda: MuxConfig(ping_interval=5.0))
+    dead_link: DeadLink = field(default_factory=DeadLink)
+    mux: MuxConfig = field(default_factory=MuxConfig)  # ping timings come from dead_link
+    reconnect: bool = True
+    max_retries: int | None = None  # None: retry for ever
+    backoff: Backoff = field(default_factory=Backoff)
+    udp_park_seconds: float = 90.0  # keep a peer's local UDP socket across reconnects
+
+    def __post_init__(self) -> None:
+        if self.mux.ping_timeout is None:
+            self.dead_link.apply(self.mux)
 
 
 class _SshClient(asyncssh.SSHClient):
@@ -93,9 +130,12 @@ def _new_session(
 
 
 class _ClientPolicy:
-    def __init__(self, targets: dict[int, LocalTarget], metrics: MetricsBook) -> None:
+    def __init__(
+        self, targets: dict[int, LocalTarget], metrics: MetricsBook, parking: UdpParking
+    ) -> None:
         self.targets = targets
         self.metrics = metrics
+        self.parking = parking
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ended: asyncio.Future[ConnectionTerminated] = (
             asyncio.get_running_loop().create_future()
@@ -137,7 +177,7 @@ class _ClientPolicy:
             session.mux.close_flow(event.flow_id, ErrorCode.NOT_PERMITTED)
             session.kick()
             return
-        open_local_flow(session, event, target)
+        open_local_flow(session, event, target, self.parking)
 
     def ping_acknowledged(self, session: MuxChannelSession, event: PingAcknowledged) -> None:
         pass
@@ -152,6 +192,8 @@ class Client:
         self.session: ClientChannelSession | None = None
         self.conn: asyncssh.SSHClientConnection | None = None
         self.bound: dict[int, tuple[str, int]] = {}  # forward id -> (bind, port) on the relay
+        self.parking = UdpParking(options.udp_park_seconds)
+        self._policy: _ClientPolicy | None = None
 
     async def connect(self) -> ClientChannelSession:
         """Connect, open the channel and request every forward; raise ClientError."""
@@ -185,25 +227,25 @@ class Client:
                     password=None,
                     kbdint_auth=False,
                     config=None,
-                    keepalive_interval=options.keepalive_interval,
-                    keepalive_count_max=options.keepalive_count_max,
+                    **options.dead_link.ssh_options(),
                     **connection_options(),
                 ),
                 options.connect_timeout,
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             message = str(verifier.failure) if verifier.failure else f"host key of {where}: {exc}"
-            raise ClientError(EXIT_AUTH, message) from None
+            raise ClientError(EXIT_AUTH, message, "host_key") from None
         except asyncssh.PermissionDenied:
             raise ClientError(
                 EXIT_AUTH,
                 f"the relay at {where} refused our key"
                 + (f" {options.identity}" if options.identity else "")
                 + "; add its .pub line to the relay's authorized_keys",
+                "auth",
             ) from None
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             if verifier.failure is not None:
-                raise ClientError(EXIT_AUTH, str(verifier.failure)) from None
+                raise ClientError(EXIT_AUTH, str(verifier.failure), "host_key") from None
             detail = str(exc) or type(exc).__name__
             raise ClientError(
                 EXIT_CONNECT, f"cannot connect to the relay at {where}: {detail}"
@@ -211,7 +253,7 @@ class Client:
         if verifier.added:
             log.warning("stored the relay's host key for %s in %s", where, options.known_hosts)
 
-        policy = _ClientPolicy(targets, self.metrics)
+        policy = _ClientPolicy(targets, self.metrics, self.parking)
         names = {
             i: self.metrics.forward_key(t.spec.label, t.spec.proto) for i, t in targets.items()
         }
@@ -235,7 +277,7 @@ class Client:
         except (ConnectionError, TimeoutError) as exc:
             self.close()
             raise ClientError(
-                EXIT_CONNECT, f"tunnel handshake with {where} failed: {exc}"
+                EXIT_CONNECT, f"tunnel handshake with {where} failed: {exc}", "handshake"
             ) from None
         self._policy = policy
         for index, target in targets.items():
@@ -246,6 +288,9 @@ class Client:
         self, session: ClientChannelSession, index: int, spec: ForwardSpec
     ) -> None:
         request = ForwardRequest.from_spec(index, spec)
+        if spec.port == 0 and index in self.bound:
+            # The relay chose this port last time: ask for the same one (the lease).
+            request = replace(request, port=self.bound[index][1])
         try:
             code, body = await session.request(FORWARD_REQUEST, request.to_body())
         except (ConnectionError, TimeoutError) as exc:
@@ -256,7 +301,11 @@ class Client:
         if code != ErrorCode.NO_ERROR:
             message = str(body.get("message") or describe_code(code))
             self.close()
-            raise ClientError(EXIT_FORWARD_REFUSED, f"forward {spec.describe()} refused: {message}")
+            raise ClientError(
+                EXIT_FORWARD_REFUSED,
+                f"forward {spec.describe()} refused: {message}",
+                "forward_refused",
+            )
         bind, port = str(body.get("bind", "")), int(body.get("port", spec.port) or 0)
         self.bound[index] = (bind, port)
         self.metrics.forward_up[self.metrics.forward_key(spec.label, spec.proto)] = 1
@@ -271,10 +320,96 @@ class Client:
         )
 
     async def wait_closed(self) -> ConnectionTerminated:
+        assert self._policy is not None
         return await self._policy.ended
+
+    async def run(self, stop: asyncio.Event, on_up: Callable[[], None] | None = None) -> int:
+        """Keep the tunnel up until ``stop`` is set, then return 0.
+
+        Raises ``ClientError`` for what retrying cannot fix (usage, authentication,
+        host key, refused forward) and when ``max_retries`` is exhausted. ``on_up``
+        is called each time every forward is up (again).
+        """
+        options = self.options
+        attempt = 0
+        lost_at: float | None = None
+        last_error: ClientError | None = None
+        while not stop.is_set():
+            started = monotonic()
+            try:
+                await self._until(stop, self.connect())
+            except ClientError as exc:
+                self.metrics.connect_failures[exc.reason] += 1
+                if exc.exit_code in FATAL_EXITS or not options.reconnect:
+                    raise
+                last_error = exc
+                log.warning("%s", exc)
+            except _Stopped:
+                self.close()
+                return EXIT_OK
+            else:
+                if lost_at is not None:
+                    outage = monotonic() - lost_at
+                    self.metrics.outages.observe(outage)
+                    log.info("tunnel back after an outage of %.1f s", outage)
+                lost_at = None
+                if on_up is not None:
+                    on_up()
+                try:
+                    event = await self._until(stop, self.wait_closed())
+                except _Stopped:
+                    self.close("client shutting down")
+                    await asyncio.sleep(0.05)  # let the GOAWAY leave
+                    return EXIT_OK
+                self.close()
+                lost_at = monotonic()
+                who = "the relay" if event.remote else "this end"
+                log.warning("tunnel lost (%s: %s)", who, event.reason or describe_code(event.code))
+                last_error = ClientError(
+                    EXIT_CONNECT, f"the tunnel ended: {event.reason or describe_code(event.code)}"
+                )
+                if not options.reconnect:
+                    raise last_error
+                if monotonic() - started >= options.backoff.stable:
+                    attempt = 0
+            attempt += 1
+            if options.max_retries is not None and attempt > options.max_retries:
+                raise ClientError(
+                    EXIT_CONNECT, f"gave up after {options.max_retries} retries: {last_error}"
+                )
+            delay = options.backoff.delay(attempt)
+            log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+        self.close()
+        return EXIT_OK
+
+    @staticmethod
+    async def _until(stop: asyncio.Event, work: Awaitable[T]) -> T:
+        """Await ``work`` unless ``stop`` is set first (then raise _Stopped)."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise _Stopped
+        return task.result()
 
     def close(self, reason: str = "client shutting down") -> None:
         if self.session is not None:
             self.session.close(ErrorCode.NO_ERROR, reason)
+            self.session = None
         if self.conn is not None:
             self.conn.close()
+            self.conn = None
+
+
+class _Stopped(Exception):
+    """The stop event fired while we were waiting for something else."""

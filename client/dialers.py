@@ -96,16 +96,76 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class UdpParking:
+    """Local UDP sockets of public peers, kept across a reconnect.
+
+    When the session is lost, each flow's socket is parked under (forward,
+    public peer) for a while instead of closed. When the relay opens a flow for
+    the same peer on the next session, the socket is reused, so the target (a
+    game server, WireGuard) keeps seeing the same source port and carries on as
+    if nothing happened. Replies the target sends while parked are dropped.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._parked: dict[tuple[int, str], tuple[UdpSocket, asyncio.TimerHandle]] = {}
+
+    def park(self, key: tuple[int, str], sock: UdpSocket) -> None:
+        if self.seconds <= 0 or key in self._parked:
+            sock.close()
+            return
+        sock.retarget(_drop_datagram)
+        timer = asyncio.get_running_loop().call_later(self.seconds, self._expire, key)
+        self._parked[key] = (sock, timer)
+
+    def take(self, key: tuple[int, str]) -> UdpSocket | None:
+        entry = self._parked.pop(key, None)
+        if entry is None:
+            return None
+        sock, timer = entry
+        timer.cancel()
+        return None if sock.closed else sock
+
+    def _expire(self, key: tuple[int, str]) -> None:
+        entry = self._parked.pop(key, None)
+        if entry is not None:
+            entry[0].close()
+
+    def close(self) -> None:
+        for sock, timer in self._parked.values():
+            timer.cancel()
+            sock.close()
+        self._parked.clear()
+
+
+def _drop_datagram(data: bytes, addr: Address) -> None:
+    """A parked socket's reply while no session can carry it: lost, as UDP may be."""
+
+
 class LocalFlow:
     """One public peer's datagrams <-> a connected UDP socket toward the target."""
 
-    __slots__ = ("flow_id", "session", "sock")
+    __slots__ = ("flow_id", "key", "parking", "session", "sock")
 
-    def __init__(self, session: MuxChannelSession, flow_id: int, target: LocalTarget) -> None:
+    def __init__(
+        self,
+        session: MuxChannelSession,
+        flow_id: int,
+        target: LocalTarget,
+        key: tuple[int, str],
+        parking: UdpParking | None,
+    ) -> None:
         assert target.sockaddr is not None
         self.session = session
         self.flow_id = flow_id
-        self.sock = UdpSocket.connect(target.sockaddr, target.family, self._reply, session.flush)
+        self.key = key
+        self.parking = parking
+        sock = parking.take(key) if parking is not None else None
+        if sock is None:
+            sock = UdpSocket.connect(target.sockaddr, target.family, self._reply, session.flush)
+        else:
+            sock.retarget(self._reply, session.flush)
+        self.sock = sock
 
     def _reply(self, data: bytes, addr: Address) -> None:
         mux = self.session.mux
@@ -118,10 +178,22 @@ class LocalFlow:
     def tunnel_flow_closed(self, code: int, remote: bool) -> None:
         self.sock.close()
 
+    def tunnel_session_lost(self) -> None:
+        if self.parking is None:
+            self.sock.close()
+        else:
+            self.parking.park(self.key, self.sock)
 
-def open_local_flow(session: MuxChannelSession, event: FlowOpened, target: LocalTarget) -> None:
+
+def open_local_flow(
+    session: MuxChannelSession,
+    event: FlowOpened,
+    target: LocalTarget,
+    parking: UdpParking | None = None,
+) -> None:
+    key = (event.forward, str(event.meta.get("peer", "")))
     try:
-        flow = LocalFlow(session, event.flow_id, target)
+        flow = LocalFlow(session, event.flow_id, target, key, parking)
     except OSError as exc:
         log.warning("%s: cannot open a UDP socket to the target: %s", target.spec.label, exc)
         session.mux.close_flow(event.flow_id, ErrorCode.CONNECT_FAILED)

@@ -15,6 +15,7 @@ from sshrelay.protocol.aio.keys import KeyFileError, fingerprint
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
 from sshrelay.protocol.aio.metrics import start_metrics
+from sshrelay.protocol.aio.sshtuning import DEAD_LINK_TIMEOUT, DeadLink
 from sshrelay.protocol.aio.tomlconfig import (
     ConfigError,
     Setting,
@@ -80,8 +81,10 @@ SETTINGS: dict[str, Setting] = {
             else "must be debug, info, warning or error"
         ),
     ),
-    "keepalive_interval": Setting(float, positive),
+    "dead_link_timeout": Setting(float, positive),
     "ping_interval": Setting(float, positive),
+    "lease_grace": Setting(float, non_negative),
+    "max_held_connections": Setting(int, non_negative),
     "max_datagram_age": Setting(float, positive),
     "datagram_queue_bytes": Setting(int, positive),
     "stream_window": Setting(int, lambda v: None if v >= 1024 else "must be at least 1024"),
@@ -114,6 +117,18 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--metrics", metavar="HOST:PORT", help="Prometheus /metrics (default 127.0.0.1:9817; 'off')"
     )
+    serve.add_argument(
+        "--dead-link-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="notice a dead client link within this bound (default 12)",
+    )
+    serve.add_argument(
+        "--lease-grace",
+        metavar="SECONDS",
+        type=float,
+        help="keep a client's public ports this long after it disconnects (default 60)",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(run=run)
 
@@ -123,7 +138,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is not None:
         where = f"{args.config} [serve]"
         values = check_table(load_section(args.config, "serve"), SETTINGS, where)
-    for key in ("listen", "host_key", "authorized_keys", "metrics", "log_level"):
+    flags = ("listen", "host_key", "authorized_keys", "metrics", "log_level")
+    for key in (*flags, "dead_link_timeout", "lease_grace"):
         flag = getattr(args, key)
         if flag is not None:
             values[key] = flag
@@ -142,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         usage_error("relay serve", f"--listen {exc}")
     setup_logging(values.get("log_level", "info"))
-    mux = MuxConfig(ping_interval=values.get("ping_interval", 5.0))
+    dead_link = DeadLink(values.get("dead_link_timeout", DEAD_LINK_TIMEOUT))
+    mux = dead_link.apply(MuxConfig())
+    if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
+        mux.ping_interval = values["ping_interval"]
     for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
         if key in values:
             setattr(mux, key, values[key])
@@ -150,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         listen_host=host,
         listen_port=port,
         mux=mux,
-        keepalive_interval=values.get("keepalive_interval", 10.0),
+        dead_link=dead_link,
+        lease_grace=values.get("lease_grace", 60.0),
+        max_held_connections=values.get("max_held_connections", 64),
         login_timeout=values.get("login_timeout", 30.0),
     )
     key_path = Path(values.get("host_key") or config_dir() / "host_ed25519").expanduser()

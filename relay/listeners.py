@@ -1,9 +1,14 @@
 """Public TCP listeners and UDP endpoints on the relay, and who owns each port.
 
-A listener belongs to (client key, protocol, bind address, port) and is bound
-to at most one live session at a time (``ForwardBinding``). The
-``PortRegistry`` refuses a port that another key holds and reports a bind
-failure ("address already in use") with the port in the message.
+A listener is a *lease*: it belongs to (client key, protocol, bind address,
+port), not to a TCP session. It serves at most one live session at a time
+(``ForwardBinding``). When that session ends the socket stays bound for a
+grace period: UDP datagrams arriving meanwhile are dropped and counted, new TCP
+connections are held (bounded in number and time) and handed to the client
+when it comes back. The same key asking for the same forward takes the lease
+over at once, evicting an older session that still looks alive; another key is
+refused until the lease expires. This is what keeps public ports from being
+lost or "already in use" after a reconnect.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import socket
 from dataclasses import dataclass
 from time import monotonic
+from typing import cast
 
 from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
@@ -52,13 +58,16 @@ class Listener:
 
     proto = ""
 
-    def __init__(self, request: ForwardRequest, owner: str) -> None:
+    def __init__(self, request: ForwardRequest, owner: str, metrics: MetricsBook) -> None:
         self.request = request
         self.owner = owner  # key fingerprint
+        self.metrics = metrics
         self.bind_host = request.bind or "0.0.0.0"
         self.port = request.port
         self.binding: ForwardBinding | None = None
         self.name = request.name or f"{request.proto}/{request.port}"
+        self.grace_timer: asyncio.TimerHandle | None = None
+        self.grace_until = 0.0  # monotonic time the lease expires while in grace
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -110,9 +119,19 @@ class PublicTcpBridge(TcpStreamBridge):
 class TcpListener(Listener):
     proto = "tcp"
 
-    def __init__(self, request: ForwardRequest, owner: str) -> None:
-        super().__init__(request, owner)
+    def __init__(
+        self, request: ForwardRequest, owner: str, metrics: MetricsBook, max_held: int = 64
+    ) -> None:
+        super().__init__(request, owner, metrics)
         self._server: asyncio.Server | None = None
+        self.max_held = max_held
+        self.held: list[_HeldConnection] = []
+
+    def attach(self, binding: ForwardBinding) -> None:
+        super().attach(binding)
+        held, self.held = self.held, []
+        for connection in held:
+            connection.hand_over(self, binding)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,14 +149,19 @@ class TcpListener(Listener):
 
     def _make_bridge(self) -> asyncio.Protocol:
         binding = self.binding
-        if binding is None:
-            return _Refuser()
-        return PublicTcpBridge(self, binding)
+        if binding is not None:
+            return PublicTcpBridge(self, binding)
+        if self.grace_timer is not None and len(self.held) < self.max_held:
+            return _HeldConnection(self)
+        return _Refuser()
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+        held, self.held = self.held, []
+        for connection in held:
+            connection.drop()
 
 
 class _Refuser(asyncio.Protocol):
@@ -145,6 +169,45 @@ class _Refuser(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()
+
+
+class _HeldConnection(asyncio.Protocol):
+    """A public TCP connection that arrived during a lease's grace period.
+
+    Reading is paused at once, so nothing is read (or lost) until the client is
+    back; then the transport is handed to a ``PublicTcpBridge``. Closed if the
+    lease expires first.
+    """
+
+    def __init__(self, listener: TcpListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+        self.listener.held.append(self)
+        self.listener.metrics.held_connections["held"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.listener.held:
+            self.listener.held.remove(self)
+            self.listener.metrics.held_connections["gone"] += 1
+        self.transport = None
+
+    def hand_over(self, listener: TcpListener, binding: ForwardBinding) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        bridge = PublicTcpBridge(listener, binding)
+        transport.set_protocol(bridge)
+        bridge.connection_made(transport)
+        listener.metrics.held_connections["attached"] += 1
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.listener.metrics.held_connections["closed"] += 1
+            self.transport.abort()
 
 
 class _PublicFlow:
@@ -165,15 +228,17 @@ class _PublicFlow:
     def tunnel_flow_closed(self, code: int, remote: bool) -> None:
         self.endpoint.table.remove(self.flow_id)
 
+    def tunnel_session_lost(self) -> None:
+        self.endpoint.table.remove(self.flow_id)
+
 
 class UdpListener(Listener):
     proto = "udp"
 
     def __init__(self, request: ForwardRequest, owner: str, metrics: MetricsBook) -> None:
-        super().__init__(request, owner)
+        super().__init__(request, owner, metrics)
         self.sock: UdpSocket | None = None
         self.table = PeerFlowTable(request.max_flows)
-        self.metrics = metrics
         self.send_drops = 0  # replies the kernel refused
 
     async def open(self) -> None:
@@ -247,43 +312,114 @@ def _bind_error(proto: str, host: str, port: int, exc: OSError) -> ForwardRefuse
 
 
 class PortRegistry:
-    """All public listeners of the relay, by (proto, bind address, port)."""
+    """All public listeners (leases) of the relay, by (proto, bind address, port)."""
 
-    def __init__(self, metrics: MetricsBook) -> None:
+    def __init__(self, metrics: MetricsBook, grace: float = 60.0, max_held: int = 64) -> None:
         self.metrics = metrics
+        self.grace = grace
+        self.max_held = max_held
         self.listeners: dict[tuple[str, str, int], Listener] = {}
 
     async def claim(self, request: ForwardRequest, owner: str, binding: ForwardBinding) -> Listener:
         bind_host = request.bind or "0.0.0.0"
         key = (request.proto, bind_host, request.port)
-        if request.port and key in self.listeners:
-            existing = self.listeners[key]
-            if existing.owner != owner:
-                raise ForwardRefused(
-                    ErrorCode.ADDRESS_IN_USE,
-                    f"{request.proto} port {request.port} on {bind_host} is held by another key",
-                )
-            raise ForwardRefused(
-                ErrorCode.ADDRESS_IN_USE,
-                f"{request.proto} port {request.port} on {bind_host} is already forwarded "
-                "by another session of this key",
-            )
+        existing = self.listeners.get(key) if request.port else None
+        if existing is not None:
+            return self._take_over(existing, request, owner, binding)
         listener: Listener
         if request.proto == "tcp":
-            listener = TcpListener(request, owner)
+            listener = TcpListener(request, owner, self.metrics, self.max_held)
         else:
             listener = UdpListener(request, owner, self.metrics)
         await listener.open()
         listener.attach(binding)
         self.listeners[listener.key] = listener
+        self._count()
         return listener
 
+    def _take_over(
+        self, listener: Listener, request: ForwardRequest, owner: str, binding: ForwardBinding
+    ) -> Listener:
+        where = f"{request.proto} port {request.port} on {listener.bind_host}"
+        if listener.owner != owner:
+            if listener.binding is None:
+                left = max(0.0, listener.grace_until - monotonic())
+                raise ForwardRefused(
+                    ErrorCode.ADDRESS_IN_USE,
+                    f"{where} is leased to another key for {left:.0f} more seconds",
+                )
+            raise ForwardRefused(ErrorCode.ADDRESS_IN_USE, f"{where} is held by another key")
+        if listener.binding is not None:
+            old = listener.binding.session
+            if old is binding.session:
+                raise ForwardRefused(
+                    ErrorCode.ADDRESS_IN_USE, f"{where} is already forwarded by this session"
+                )
+            # A reconnecting client whose old session still looks alive (half-open
+            # after a link failure): the newest session of the key wins.
+            log.info("%s: taken over by a new session of the same key; closing the old one", where)
+            self.metrics.lease_events["takeover"] += 1
+            old.close(ErrorCode.SUPERSEDED, "replaced by a newer session of the same key")
+            if listener.binding is not None:  # the old session had already ended
+                self.detach(listener)
+        elif listener.grace_timer is not None:
+            self.metrics.lease_events["resumed"] += 1
+        if listener.grace_timer is not None:
+            listener.grace_timer.cancel()
+            listener.grace_timer = None
+        listener.request = request
+        listener.attach(binding)
+        self._count()
+        return listener
+
+    def detach(self, listener: Listener) -> None:
+        """Its session ended: keep the port for the grace period, then let it go."""
+        if self.listeners.get(listener.key) is not listener:
+            return
+        listener.detach()
+        if self.grace <= 0:
+            self.release(listener)
+            return
+        loop = asyncio.get_running_loop()
+        listener.grace_until = monotonic() + self.grace
+        listener.grace_timer = loop.call_later(self.grace, self._expire, listener)
+        log.info(
+            "%s %s:%d (%s): lease kept for %.0f s for the client to return",
+            listener.proto,
+            listener.bind_host,
+            listener.port,
+            listener.name,
+            self.grace,
+        )
+        self._count()
+
+    def _expire(self, listener: Listener) -> None:
+        listener.grace_timer = None
+        self.metrics.lease_events["expired"] += 1
+        log.info(
+            "%s %s:%d (%s): lease expired; port released",
+            listener.proto,
+            listener.bind_host,
+            listener.port,
+            listener.name,
+        )
+        self.release(listener)
+
     def release(self, listener: Listener) -> None:
+        if listener.grace_timer is not None:
+            listener.grace_timer.cancel()
+            listener.grace_timer = None
         listener.detach()
         listener.close()
         if self.listeners.get(listener.key) is listener:
             del self.listeners[listener.key]
+        self._count()
 
     def close_all(self) -> None:
         for listener in list(self.listeners.values()):
             self.release(listener)
+
+    def _count(self) -> None:
+        active = sum(1 for item in self.listeners.values() if item.binding is not None)
+        self.metrics.leases["active"] = active
+        self.metrics.leases["grace"] = len(self.listeners) - active

@@ -22,6 +22,7 @@ from sshrelay.protocol.aio.sshtuning import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
     SUBSYSTEM,
+    DeadLink,
     connection_options,
 )
 from sshrelay.protocol.config import MuxConfig, Role
@@ -49,9 +50,15 @@ SHELL_MESSAGE = (
 class RelayOptions:
     listen_host: str = "0.0.0.0"
     listen_port: int = 2222
-    mux: MuxConfig = field(default_factory=lambda: MuxConfig(ping_interval=5.0))
-    keepalive_interval: float = 10.0
-    keepalive_count_max: int = 3
+    dead_link: DeadLink = field(default_factory=DeadLink)
+    mux: MuxConfig = field(default_factory=MuxConfig)  # ping timings come from dead_link
+    lease_grace: float = 60.0  # seconds a public port stays reserved after its session ends
+    max_held_connections: int = 64  # public TCP connections held per lease during grace
+
+    def __post_init__(self) -> None:
+        if self.mux.ping_timeout is None:
+            self.dead_link.apply(self.mux)
+
     login_timeout: float = 30.0
 
 
@@ -63,7 +70,9 @@ class RelayServer:
         self.host_key = host_key
         self.keys = keys
         self.metrics = MetricsBook("relay")
-        self.registry = PortRegistry(self.metrics)
+        self.registry = PortRegistry(
+            self.metrics, options.lease_grace, options.max_held_connections
+        )
         self.sessions: set[RelayChannelSession] = set()
         self.metrics.auth_failures.update(unknown_key=0)
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -80,8 +89,7 @@ class RelayServer:
             allow_pty=False,
             agent_forwarding=False,
             x11_forwarding=False,
-            keepalive_interval=self.options.keepalive_interval,
-            keepalive_count_max=self.options.keepalive_count_max,
+            **self.options.dead_link.ssh_options(),
             login_timeout=self.options.login_timeout,
             reuse_address=True,
             **connection_options(),
@@ -258,8 +266,7 @@ class _RelayPolicy:
         for key in relay_session.forward_names.values():
             relay_session.relay.metrics.forward_up[key] = 0
         for listener in relay_session.listeners:
-            relay_session.relay.registry.release(listener)
-            log.info("%s: forward %s closed (session ended)", relay_session.who, listener.name)
+            relay_session.relay.registry.detach(listener)
         relay_session.listeners.clear()
         if relay_session._mode == "mux":
             who = "client" if event.remote else "relay"
@@ -304,7 +311,7 @@ class _RelayPolicy:
             relay_session.respond(event.request_id, exc.code, {"message": str(exc)})
             return
         if relay_session.termination is not None:  # session ended while binding
-            relay.registry.release(listener)
+            relay.registry.detach(listener)
             return
         relay_session.listeners.append(listener)
         key = relay.metrics.forward_key(listener.name, listener.proto)

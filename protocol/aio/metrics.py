@@ -36,6 +36,7 @@ PREFIX = "sshrelay"
 MAX_FORWARD_NAMES = 256  # beyond this, forward labels collapse into "other"
 EXTRA_DROP_REASONS = ("no_session",)  # counted by the relay's UDP listeners
 DROP_REASONS = (*SEND_DROP_REASONS, "unknown_flow", *EXTRA_DROP_REASONS)
+OUTAGE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 # Multiplexer close reasons (wire code names) folded into a small exported set.
 FLOW_CLOSE_REASONS = {
     "idle": "idle",
@@ -74,6 +75,17 @@ class MetricsBook:
         self.forwards_refused: dict[str, int] = {}
         self.extra_drops: dict[str, int] = dict.fromkeys(EXTRA_DROP_REASONS, 0)
         self.flows_evicted = 0
+        # Resilience (relay): leases by state, lease events, held public TCP connections.
+        self.leases: dict[str, int] = {"active": 0, "grace": 0}
+        self.lease_events: dict[str, int] = {"takeover": 0, "resumed": 0, "expired": 0}
+        self.held_connections: dict[str, int] = dict.fromkeys(
+            ("held", "attached", "closed", "gone"), 0
+        )
+        # Resilience (client): failed connection attempts and outage lengths.
+        self.connect_failures: dict[str, int] = dict.fromkeys(
+            ("network", "auth", "host_key", "forward_refused", "handshake"), 0
+        )
+        self.outages = Histogram(OUTAGE_BUCKETS)
 
     def forward_key(self, name: str, proto: str) -> ForwardKey:
         """A label-safe forward key; unbounded name sets collapse into 'other'."""
@@ -231,6 +243,25 @@ class TunnelCollector(Collector):
             fwd_up, fwd_bytes, fwd_dgrams, fwd_streams, fwd_flows, fwd_streams_opened,
             fwd_flows_opened, flows_closed, evicted, drops, stalls, write_stalls, wire, frames,
         ]  # fmt: skip
+        leases = GaugeMetricFamily(
+            f"{p}_leases", "Relay: public port leases by state.", labels=["role", "state"]
+        )
+        lease_events = CounterMetricFamily(
+            f"{p}_lease_events",
+            "Relay: lease takeovers, resumptions after a reconnect, and expiries.",
+            labels=["role", "event"],
+        )
+        held = CounterMetricFamily(
+            f"{p}_held_connections",
+            "Relay: public TCP connections that arrived during a lease's grace period, by outcome.",
+            labels=["role", "outcome"],
+        )
+        connect_failures = CounterMetricFamily(
+            f"{p}_connect_failures",
+            "Client: failed attempts to bring the tunnel up, by reason.",
+            labels=["role", "reason"],
+        )
+        families += [leases, lease_events, held, connect_failures]
         histograms: list[Metric] = []
         for book in self.books:
             role = book.role
@@ -247,6 +278,24 @@ class TunnelCollector(Collector):
                 auth.add_metric([role, reason], value)
             for reason, value in sorted(book.forwards_refused.items()):
                 refused.add_metric([role, reason], value)
+            if role == "relay":
+                for state, value in book.leases.items():
+                    leases.add_metric([role, state], value)
+                for event, value in book.lease_events.items():
+                    lease_events.add_metric([role, event], value)
+                for outcome, value in book.held_connections.items():
+                    held.add_metric([role, outcome], value)
+            else:
+                for reason, value in book.connect_failures.items():
+                    connect_failures.add_metric([role, reason], value)
+                histograms.append(
+                    _histogram(
+                        f"{p}_outage_seconds",
+                        "Client: time from losing the tunnel to having it back.",
+                        book.outages,
+                        {"role": role},
+                    )
+                )
             rtt = book.last_rtt()
             if rtt is not None:
                 last_rtt.add_metric([role], rtt)

@@ -63,6 +63,7 @@ class FlowEndpoint(Protocol):
 
     def tunnel_datagram(self, data: bytes) -> None: ...
     def tunnel_flow_closed(self, code: int, remote: bool) -> None: ...
+    def tunnel_session_lost(self) -> None: ...
 
 
 class SessionPolicy(Protocol):
@@ -104,7 +105,11 @@ class MuxChannelSession(SSHSession[bytes]):
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         self._chan = chan
         chan.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
-        self._watch = TransportWatch(chan.get_connection())
+        config = self.mux.config
+        dead_link = None
+        if config.ping_timeout is not None:
+            dead_link = (config.ping_interval or 0.0) + config.ping_timeout
+        self._watch = TransportWatch(chan.get_connection(), dead_link)
         self._watch.on_drain(self._on_drain)
 
     def session_started(self) -> None:
@@ -286,7 +291,7 @@ class MuxChannelSession(SSHSession[bytes]):
         for endpoint in streams.values():
             endpoint.tunnel_reset(ErrorCode.CANCEL)
         for sink in flows.values():
-            sink.tunnel_flow_closed(ErrorCode.CANCEL, remote=False)
+            sink.tunnel_session_lost()
         for future in self._requests.values():
             if not future.done():
                 future.set_exception(ConnectionError(f"session ended: {event.reason}"))

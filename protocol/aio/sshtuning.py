@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from asyncssh.connection import SSHConnection
+
+from sshrelay.protocol.config import MuxConfig
 
 SUBSYSTEM: Final = "sshrelay"
 # AES-GCM is one call per packet; chacha20-poly1305 (asyncssh's default) is two.
@@ -36,6 +39,38 @@ NOTSENT_LOWAT: Final = 128 * 1024
 READ_BURST: Final = 256 * 1024
 
 
+DEAD_LINK_TIMEOUT: Final = 12.0  # seconds within which both ends notice a dead link
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLink:
+    """Timings derived from one bound: a black-holed link is noticed within ``timeout``.
+
+    In-band PINGs go every timeout/4 and a PING unanswered for 3*timeout/4 ends
+    the session, so the worst case is one interval plus the wait. SSH keepalives
+    back this up, and TCP_USER_TIMEOUT makes the kernel give up on unacknowledged
+    data after ``timeout`` too.
+    """
+
+    timeout: float = DEAD_LINK_TIMEOUT
+
+    @property
+    def ping_interval(self) -> float:
+        return self.timeout / 4
+
+    @property
+    def ping_timeout(self) -> float:
+        return self.timeout * 3 / 4
+
+    def ssh_options(self) -> dict[str, Any]:
+        return {"keepalive_interval": self.timeout / 3, "keepalive_count_max": 3}
+
+    def apply(self, config: MuxConfig) -> MuxConfig:
+        config.ping_interval = self.ping_interval
+        config.ping_timeout = self.ping_timeout
+        return config
+
+
 def connection_options() -> dict[str, Any]:
     """Keyword options common to ``asyncssh.connect`` and ``asyncssh.create_server``."""
     return {
@@ -44,14 +79,20 @@ def connection_options() -> dict[str, Any]:
     }
 
 
-def tune_socket(sock: socket.socket | None) -> None:
-    """Low latency for the SSH socket: no Nagle, little unsent data in the kernel."""
+def tune_socket(sock: socket.socket | None, user_timeout: float | None = None) -> None:
+    """Low latency for the SSH socket: no Nagle, little unsent data in the kernel;
+    with ``user_timeout``, the kernel drops the connection when sent data stays
+    unacknowledged that long (a black-holed link)."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    timeout_ms = int(user_timeout * 1000) if user_timeout else None
     for level, option, value in (
         (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", None), NOTSENT_LOWAT),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), timeout_ms),
     ):
+        if value is None:
+            continue
         if option is None:
             continue
         try:
@@ -63,7 +104,7 @@ def tune_socket(sock: socket.socket | None) -> None:
 class TransportWatch:
     """Buffered bytes under an SSH channel, with a callback when they drain."""
 
-    def __init__(self, conn: SSHConnection) -> None:
+    def __init__(self, conn: SSHConnection, user_timeout: float | None = None) -> None:
         self._conn = conn
         self._transport: Any = getattr(conn, "_transport", None)
         self._callbacks: list[Callable[[], None]] = []
@@ -79,7 +120,7 @@ class TransportWatch:
                     callback()
 
             conn.resume_writing = resume_writing  # type: ignore[method-assign]
-            tune_socket(conn.get_extra_info("socket"))
+            tune_socket(conn.get_extra_info("socket"), user_timeout)
 
     def on_drain(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)

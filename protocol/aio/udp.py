@@ -80,6 +80,15 @@ class UdpSocket:
             raise
         return cls(sock, on_datagram, on_batch_done)
 
+    def retarget(
+        self,
+        on_datagram: Callable[[bytes, Address], None],
+        on_batch_done: Callable[[], None] | None = None,
+    ) -> None:
+        """Send what this socket reads somewhere else (a parked socket's new flow)."""
+        self._on_datagram = on_datagram
+        self._on_batch_done = on_batch_done
+
     @property
     def address(self) -> Address:
         return self.sock.getsockname()  # type: ignore[no-any-return]
