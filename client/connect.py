@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.client")
 T = TypeVar("T")
+PROBE_INTERVAL = 1.0  # seconds between TCP probes of the relay's port while backing off
 
 # Exit codes of `relay connect` (docs/operations.md).
 EXIT_OK = 0
@@ -101,6 +103,7 @@ class ClientOptions:
     max_retries: int | None = None  # None: retry for ever
     backoff: Backoff = field(default_factory=Backoff)
     udp_park_seconds: float = 90.0  # keep a peer's local UDP socket across reconnects
+    tcp_connect_timeout: float = 3.0  # per TCP connect attempt (the SSH handshake has its own)
 
     def __post_init__(self) -> None:
         if self.mux.ping_timeout is None:
@@ -214,11 +217,13 @@ class Client:
                     EXIT_USAGE, f"cannot read key {options.identity}: {exc}"
                 ) from None
         where = f"{options.host}:{options.port}"
+        sock = await self._tcp_connect(options.tcp_connect_timeout)
         try:
             self.conn = await asyncio.wait_for(
                 asyncssh.connect(
                     options.host,
                     options.port,
+                    sock=sock,
                     username=options.username,
                     client_keys=keys,
                     known_hosts=([], [], []),  # every key goes through HostKeyVerifier
@@ -283,6 +288,51 @@ class Client:
         for index, target in targets.items():
             await self._request_forward(session, index, target.spec)
         return session
+
+    async def _tcp_connect(self, timeout: float) -> socket.socket:
+        """Our own TCP connect, so a black-holed relay costs ``timeout``, not minutes of SYNs."""
+        options = self.options
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(options.host, options.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ClientError(EXIT_CONNECT, f"cannot resolve {options.host}: {exc}") from None
+        last: Exception | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                last = exc
+                continue
+            return sock
+        detail = "timed out" if isinstance(last, TimeoutError) else str(last)
+        raise ClientError(
+            EXIT_CONNECT, f"cannot connect to the relay at {options.host}:{options.port}: {detail}"
+        )
+
+    async def _wait_or_probe(self, stop: asyncio.Event, delay: float, probe: bool) -> None:
+        """Sleep ``delay`` (or until ``stop``); with ``probe``, end early once the relay's
+        port accepts a TCP connection again, so recovery follows the network at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while not stop.is_set() and loop.time() < deadline:
+            step = min(PROBE_INTERVAL, deadline - loop.time()) if probe else delay
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, step))
+                return
+            except TimeoutError:
+                pass
+            if probe and loop.time() < deadline:
+                try:
+                    sock = await self._tcp_connect(PROBE_INTERVAL)
+                except ClientError:
+                    continue
+                sock.close()
+                log.info("the relay answers again: reconnecting now")
+                return
 
     async def _request_forward(
         self, session: ClientChannelSession, index: int, spec: ForwardSpec
@@ -379,10 +429,10 @@ class Client:
                 )
             delay = options.backoff.delay(attempt)
             log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+            # After network-level failures, probe the relay's port meanwhile: when the
+            # link comes back we reconnect within a second instead of a backoff step.
+            network = last_error is not None and last_error.reason == "network"
+            await self._wait_or_probe(stop, delay, probe=network)
         self.close()
         return EXIT_OK
 
