@@ -265,8 +265,20 @@ class _RelayPolicy:
         relay_session.relay.metrics.session_finished(session)
         for key in relay_session.forward_names.values():
             relay_session.relay.metrics.forward_up[key] = 0
+        registry = relay_session.relay.registry
+        # A client that said goodbye (GOAWAY without an error) is not coming back: its
+        # ports close now. A lost link (or any other ending) keeps them leased for the
+        # grace period so that a reconnecting client gets them back.
+        goodbye = event.remote and event.code in (ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN)
         for listener in relay_session.listeners:
-            relay_session.relay.registry.detach(listener)
+            bound = listener.binding is not None and listener.binding.session is session
+            if goodbye and bound:
+                registry.release(listener)
+                log.info(
+                    "%s: forward %s closed (client shut down)", relay_session.who, listener.name
+                )
+            else:
+                registry.detach(listener)
         relay_session.listeners.clear()
         if relay_session._mode == "mux":
             who = "client" if event.remote else "relay"
