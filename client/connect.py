@@ -408,8 +408,7 @@ class Client:
                 try:
                     event = await self._until(stop, self.wait_closed())
                 except _Stopped:
-                    self.close("client shutting down")
-                    await asyncio.sleep(0.05)  # let the GOAWAY leave
+                    await self.shutdown("client shutting down")
                     return EXIT_OK
                 self.close()
                 lost_at = monotonic()
@@ -451,6 +450,21 @@ class Client:
                 await task
             raise _Stopped
         return task.result()
+
+    async def shutdown(self, reason: str = "client shutting down", timeout: float = 2.0) -> None:
+        """Say goodbye and let it reach the relay before the SSH connection closes.
+
+        The GOAWAY can sit behind queued channel data; closing the connection at
+        once discards it, and the relay then keeps our public ports leased as after
+        a lost link instead of closing them. The relay answers a GOAWAY by closing
+        its end of the channel, which is what we wait for (bounded).
+        """
+        session = self.session
+        if session is not None:
+            session.close(ErrorCode.NO_ERROR, reason)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.closed.wait(), timeout)
+        self.close(reason)
 
     def close(self, reason: str = "client shutting down") -> None:
         if self.session is not None:
