@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -156,13 +159,37 @@ def test_config_with_a_bad_value_exits_2(bed):
 
 
 @pytest.mark.timeout(30)
-def test_unreachable_relay_fails_quickly_and_says_so(bed, targets):
+def test_unreachable_relay_without_reconnect_fails_quickly_and_says_so(bed, targets):
     target = targets.tcp_echo()
     port = bed.free_port()  # nobody listens here
-    proc = bed.start_connect(port, bed.forward(target.port))
+    proc = bed.start_connect(port, bed.forward(target.port), extra=["--no-reconnect"])
     assert proc.wait(20) not in (0, EXIT_USAGE), proc.describe()
     assert "cannot connect" in proc.stderr, proc.describe()
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(40)
+def test_unreachable_relay_is_retried_until_stopped(bed, targets):
+    target = targets.tcp_echo()
+    port = bed.free_port()
+    proc = bed.start_connect(port, bed.forward(target.port))
+    bed.wait_until(
+        lambda: proc.stderr.count("cannot connect") >= 2 or not proc.running(),
+        15,
+        "two connection attempts",
+    )
+    assert proc.running(), proc.describe()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0, proc.describe()
+
+
+@pytest.mark.timeout(40)
+def test_max_retries_gives_up(bed, targets):
+    target = targets.tcp_echo()
+    port = bed.free_port()
+    proc = bed.start_connect(port, bed.forward(target.port), extra=["--max-retries", "1"])
+    assert proc.wait(20) not in (0, EXIT_USAGE), proc.describe()
+    assert "cannot connect" in proc.stderr, proc.describe()
 
 
 @pytest.mark.timeout(60)
@@ -200,3 +227,40 @@ def test_signal_exits_0_and_the_relay_closes_its_public_ports(bed, targets, sign
         accept_new=False,
     )
     assert again.ports == [public_tcp, public_udp]
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_transfer_still_says_goodbye_and_closes_the_port(bed, targets):
+    """The GOAWAY must reach the relay even behind queued bulk data; otherwise the relay
+    takes the exit for a lost link and keeps the public port leased."""
+    target = targets.tcp_sink_source(1 << 30)  # sends far more than this test reads
+    relay = bed.serve()
+    tunnel = bed.connect(relay, bed.forward(target.port))
+    public = tunnel.ports[0]
+    block = os.urandom(1 << 16)
+    stop = threading.Event()
+    with socket.create_connection(("127.0.0.1", public), timeout=10) as sock:
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    sock.sendall(block)
+
+        def drain() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set() and sock.recv(1 << 20):
+                    pass
+
+        workers = [threading.Thread(target=f, daemon=True) for f in (pump, drain)]
+        for worker in workers:
+            worker.start()
+        bed.wait_until(lambda: target.connections, 10, "the transfer to start")
+        time_to_fill = 0.5  # let the channel and the windows fill up
+        stop.wait(time_to_fill)
+        tunnel.proc.send_signal(signal.SIGTERM)
+        assert tunnel.proc.wait(10) == 0, tunnel.proc.describe()
+        stop.set()
+    for worker in workers:
+        worker.join(5)
+    bed.wait_until(lambda: bed.tcp_refused(public), 5, "the public port to close")
+    assert "client shutting down" in relay.proc.stderr, relay.proc.describe()
