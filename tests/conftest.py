@@ -52,6 +52,19 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
+DEBIAN_PACKAGE = {
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "sshd": "openssh-server",
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
+    "socat": "socat",
+    "iperf3": "iperf3",
+    "nft": "nftables",
+    "ip": "iproute2",
+}
+
+
 @pytest.fixture
 def require_tool() -> Callable[[str], str]:
     """``require_tool(name)`` -> the tool's path.
@@ -67,7 +80,8 @@ def require_tool() -> Callable[[str], str]:
         else:
             found = shutil.which(name)
         if found is None:
-            _missing(f"{name} is not installed (Debian: apt-get install openssh-client)")
+            package = DEBIAN_PACKAGE.get(os.path.basename(name), os.path.basename(name))
+            _missing(f"{name} is not installed (Debian package {package}; tools/test installs it)")
         assert found is not None
         return found
 

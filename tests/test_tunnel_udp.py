@@ -165,10 +165,10 @@ idle_timeout = {idle}
     port = int(proc.wait_line(r"^relay: forward game up: relay udp \S+:(\d+) -> ").group(1))
 
     with _peer() as sock:
-        # Active for 2.5 idle timeouts, a datagram every 0.3 idle: expiry counts from the
+        # Active for 2 idle timeouts, a datagram every 0.3 idle: expiry counts from the
         # last activity, so the flow (the source port the target sees) must not change.
         first = None
-        for step in range(9):
+        for step in range(7):
             marker = f"keepalive {step}".encode()
             _exchange(sock, port, marker)
             source = _source_of(target, marker)
