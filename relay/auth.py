@@ -55,9 +55,12 @@ class KeyPermissions:
     comment: str
     forwarding: bool = True
     rules: tuple[ListenRule, ...] = field(default_factory=tuple)
+    revoked: bool = False  # the key left authorized_keys after this session logged in
 
     def check(self, request: ForwardRequest) -> str | None:
         """None if allowed, else the reason (sent to the client)."""
+        if self.revoked:
+            return "this key is no longer in the relay's authorized_keys"
         if not self.forwarding:
             return (
                 "port forwarding is off for this key in the relay's authorized_keys "

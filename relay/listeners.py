@@ -171,23 +171,38 @@ class _Refuser(asyncio.Protocol):
         transport.close()
 
 
+HELD_BUFFER = 64 * 1024  # bytes a held public connection may send before we stop reading
+
+
 class _HeldConnection(asyncio.Protocol):
     """A public TCP connection that arrived during a lease's grace period.
 
-    Reading is paused at once, so nothing is read (or lost) until the client is
-    back; then the transport is handed to a ``PublicTcpBridge``. Closed if the
+    What the public client sends meanwhile is kept (up to ``HELD_BUFFER``, then
+    reading pauses) and handed, with any EOF, to a ``PublicTcpBridge`` when the
+    client is back, so nothing is lost. Reading (rather than pausing at once)
+    also lets us notice a public client that gives up and leaves. Closed if the
     lease expires first.
     """
 
     def __init__(self, listener: TcpListener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()
         self.listener.held.append(self)
         self.listener.metrics.held_connections["held"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= HELD_BUFFER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # half-close: the answer may still come once the client is back
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.listener.held:
@@ -202,6 +217,10 @@ class _HeldConnection(asyncio.Protocol):
         bridge = PublicTcpBridge(listener, binding)
         transport.set_protocol(bridge)
         bridge.connection_made(transport)
+        if self.buffer:
+            bridge.data_received(bytes(self.buffer))
+        if self.eof:
+            bridge.eof_received()
         listener.metrics.held_connections["attached"] += 1
 
     def drop(self) -> None:

@@ -122,6 +122,8 @@ class _SshServer(asyncssh.SSHServer):
         self.relay = relay
         self.conn: asyncssh.SSHServerConnection | None = None
         self.permissions: KeyPermissions | None = None
+        self.key: asyncssh.SSHKey | None = None
+        self.peer_host = ""
         self.peer = "?"
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -162,11 +164,15 @@ class _SshServer(asyncssh.SSHServer):
             )
             return False
         self.permissions = permissions
+        self.key = key
+        self.peer_host = host
         return True
 
     def session_requested(self) -> RelayChannelSession:
-        assert self.permissions is not None
-        return RelayChannelSession(self.relay, self.permissions, self.peer)
+        assert self.permissions is not None and self.key is not None
+        session = RelayChannelSession(self.relay, self.permissions, self.peer)
+        session.key, session.peer_host = self.key, self.peer_host
+        return session
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -194,6 +200,8 @@ class RelayChannelSession(MuxChannelSession, asyncssh.SSHServerSession[bytes]):
         self.relay = relay
         self.permissions = permissions
         self.peer = peer
+        self.key: asyncssh.SSHKey | None = None  # the key this session logged in with
+        self.peer_host = ""
         self.listeners: list[Listener] = []
         self._mode = "none"
         self._pending: set[asyncio.Task[None]] = set()
@@ -296,6 +304,24 @@ class _RelayPolicy:
             return
         self.session.start_task(self._forward(event))
 
+    def _current_permissions(self) -> KeyPermissions:
+        """Permissions as authorized_keys says *now*: checked on every request, not
+        only at login, so removing a key or a permitlisten takes effect at once."""
+        relay_session = self.session
+        keys = relay_session.relay.keys
+        keys.maybe_reload()
+        if relay_session.key is not None:
+            current = keys.lookup(
+                relay_session.key, relay_session.peer_host, relay_session.peer_host
+            )
+            relay_session.permissions = current or KeyPermissions(
+                relay_session.permissions.fingerprint,
+                relay_session.permissions.comment,
+                forwarding=False,
+                revoked=True,
+            )
+        return relay_session.permissions
+
     async def _forward(self, event: RequestReceived) -> None:
         relay_session = self.session
         relay = relay_session.relay
@@ -304,7 +330,7 @@ class _RelayPolicy:
         except ForwardSpecError as exc:
             relay_session.respond(event.request_id, ErrorCode.BAD_REQUEST, {"message": str(exc)})
             return
-        problem = relay_session.permissions.check(request)
+        problem = self._current_permissions().check(request)
         try:
             if problem is not None:
                 raise ForwardRefused(ErrorCode.NOT_PERMITTED, problem)
