@@ -175,6 +175,26 @@ def _forward(text: str, idle: float | None) -> ForwardSpec:
     return spec
 
 
+def unique_names(forwards: list[ForwardSpec]) -> list[ForwardSpec]:
+    """Give every forward a distinct name (metric label, logs): explicit names must be
+    unique; unnamed ones that would share a default label ("tcp/0") get "-2", "-3"..."""
+    explicit = [spec.name for spec in forwards if spec.name]
+    duplicates = {name for name in explicit if explicit.count(name) > 1}
+    if duplicates:
+        raise ValueError(f"forward name {sorted(duplicates)[0]!r} is used more than once")
+    seen: set[str] = set(explicit)
+    named: list[ForwardSpec] = []
+    for spec in forwards:
+        if not spec.name:
+            label, suffix = spec.label, 2
+            while label in seen:
+                label, suffix = f"{spec.label}-{suffix}", suffix + 1
+            spec = _replace(spec, name=label) if label != spec.label else spec
+        seen.add(spec.label)
+        named.append(spec)
+    return named
+
+
 def _replace(spec: ForwardSpec, **changes: Any) -> ForwardSpec:
     from dataclasses import replace
 
@@ -234,6 +254,7 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
             forwards.append(_replace(spec, **changes) if changes else spec)
     if not forwards:
         raise ValueError("no forward given: add at least one -R SPEC")
+    forwards = unique_names(forwards)
     identity = values.get("identity")
     if identity is None:
         default = Path("~/.ssh/id_ed25519").expanduser()

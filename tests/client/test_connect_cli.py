@@ -264,3 +264,19 @@ def test_sigterm_during_a_transfer_still_says_goodbye_and_closes_the_port(bed, t
         worker.join(5)
     bed.wait_until(lambda: bed.tcp_refused(public), 5, "the public port to close")
     assert "client shutting down" in relay.proc.stderr, relay.proc.describe()
+
+
+def test_forwards_get_distinct_names_for_metric_labels() -> None:
+    from sshrelay.client.cli import unique_names
+    from sshrelay.protocol.forwards import parse_forward_spec
+
+    specs = [
+        parse_forward_spec("0:127.0.0.1:9"),
+        parse_forward_spec("0:127.0.0.1:7"),
+        parse_forward_spec("8080:127.0.0.1:80"),
+        parse_forward_spec("0:127.0.0.1:1/udp", "wg"),
+    ]
+    assert [spec.label for spec in unique_names(specs)] == ["tcp/0", "tcp/0-2", "tcp/8080", "wg"]
+    twice = [parse_forward_spec("1:h:1", "a"), parse_forward_spec("2:h:2", "a")]
+    with pytest.raises(ValueError, match="'a' is used more than once"):
+        unique_names(twice)
