@@ -32,7 +32,7 @@ class MuxConfig:
     max_streams: int = 16_384  # concurrent streams the peer may open
     max_flows: int = 131_072  # concurrent flows the peer may open
     # Local policy.
-    stream_chunk: int = 16_384  # STREAM_DATA payload this end sends (fairness vs. overhead)
+    stream_chunk: int = 65_536  # STREAM_DATA payload this end sends (fairness vs. overhead)
     datagram_queue_bytes: int = 4 * 1024 * 1024  # bound on queued outgoing datagram bytes
     max_datagram_age: float = 0.25  # seconds a datagram may wait before it is dropped
     ping_interval: float | None = None  # send PING this often (None: only on request)

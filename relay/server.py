@@ -87,6 +87,7 @@ class RelayServer:
             window=CHANNEL_WINDOW,
             max_pktsize=CHANNEL_MAX_PKTSIZE,
             allow_pty=False,
+            line_editor=False,  # asyncssh's default would filter every byte of our channel
             agent_forwarding=False,
             x11_forwarding=False,
             **self.options.dead_link.ssh_options(),
