@@ -200,12 +200,17 @@ class Multiplexer:
         self._streams: dict[int, _Stream] = {}
         self._flows: dict[int, _Flow] = {}
         self._local_streams = 0
+        # Peer-opened streams not CLOSED here. Streams kept only for an unacknowledged
+        # tail are not counted: the peer may already have forgotten them and reused
+        # the slot, so counting them would turn its valid STREAM_OPEN into an error.
+        self._remote_streams = 0
         self._local_flows = 0
         self._control: deque[bytes] = deque()
         # Entries: (flow, payload, enqueued_at); flow None means a pre-encoded PING/PONG.
         self._datagrams: deque[tuple[_Flow | None, bytes, float]] = deque()
         self._datagram_bytes = 0
         self._ready: deque[_Stream] = deque()
+        self._turn_left = 0  # rest of the head stream's turn, cut short by a budget
         self._stalled: set[int] = set()
         self._send_connection_credit = 0
         self._recv_connection = ReceiveWindow(self.config.connection_window)
@@ -277,7 +282,9 @@ class Multiplexer:
         self.counters.bytes_received += len(data)
         events: list[Event] = []
         try:
-            frames = self._decoder.feed(data)
+            # Frames completed before a decode error are handled first, so the
+            # events never depend on how the peer's bytes were cut.
+            frames, decode_error = self._decoder.feed_frames(data)
             received = self.counters.frames_received
             handlers = self._handlers
             for frame in frames:
@@ -288,6 +295,8 @@ class Multiplexer:
                 handlers[type(frame)](frame, events)
                 if self.termination is not None:  # GOAWAY received
                     break
+            if decode_error is not None and self.termination is None:
+                raise decode_error
         except RemoteProtocolError as exc:
             self._fail(exc, events)
         return events
@@ -355,9 +364,12 @@ class Multiplexer:
             control.popleft()
             out.append(frame)
             size += len(frame)
-        if self._datagrams and size < budget:
+        # Strict priority: a lane is served only once every lane above it is empty,
+        # so a frame never overtakes one queued before it in a higher lane (a
+        # DATAGRAM never precedes its FLOW_OPEN, stream data never its STREAM_ACCEPT).
+        if self._datagrams and not control and size < budget:
             size = self._pull_datagrams(out, size, budget, now)
-        if self._ready and size < budget:
+        if self._ready and not control and not self._datagrams and size < budget:
             size = self._pull_streams(out, size, budget)
         if not out:
             return b""
@@ -422,15 +434,18 @@ class Multiplexer:
         data_frames = data_bytes = 0
         while ready and size < budget:
             stream = ready.popleft()
+            # A turn cut short by the previous budget continues with what was left of it.
+            turn = self._turn_left or chunk
+            self._turn_left = 0
             if stream.out_bytes:
                 room = budget - size - 16  # 16 bytes cover any STREAM_DATA header
-                take = min(stream.out_bytes, chunk)
+                take = min(stream.out_bytes, turn)
                 if room < take:
                     if out and room < MIN_SPLIT_CHUNK:
                         ready.appendleft(stream)
+                        self._turn_left = turn
                         break
-                    take = max(int(room), MIN_SPLIT_CHUNK) if out else take
-                    take = min(take, stream.out_bytes)
+                    take = min(max(int(room), MIN_SPLIT_CHUNK), take)
                 header = with_bin_header(stream.prefix, take)
                 out.append(header)
                 size += len(header) + take
@@ -438,8 +453,16 @@ class Multiplexer:
                 data_frames += 1
                 data_bytes += take
                 stream.traffic.bytes_out += take
+                if take < turn and stream.out_bytes:
+                    # Cut to fit the budget: finish this turn first next time (fairness).
+                    self._turn_left = turn - take
+                    ready.appendleft(stream)
+                    continue
             if stream.out_bytes == 0 and stream.fin_queued and not stream.fin_sent:
                 frame = encode_fields(FrameType.STREAM_FIN, stream.id)
+                if out and size + len(frame) > budget:
+                    ready.appendleft(stream)
+                    break
                 out.append(frame)
                 size += len(frame)
                 stream.fin_sent = True
@@ -685,6 +708,8 @@ class Multiplexer:
         if stream.state is not StreamState.CLOSED:
             self.counters.streams_closed["reset"] += 1
             stream.traffic.streams_active -= 1
+            if not stream.local:
+                self._remote_streams -= 1
         stream.state = StreamState.CLOSED
         self._send_connection_credit += stream.out_bytes  # queued, never sent
         stream.out.clear()
@@ -714,6 +739,8 @@ class Multiplexer:
     def _enter_closed_cleanly(self, stream: _Stream) -> None:
         self.counters.streams_closed["clean"] += 1
         stream.traffic.streams_active -= 1
+        if not stream.local:
+            self._remote_streams -= 1
         self._maybe_forget(stream)
 
     # ------------------------------------------------------------------ flows
@@ -892,7 +919,7 @@ class Multiplexer:
 
     def _on_stream_open(self, frame: StreamOpen, events: list[Event]) -> None:
         self._accept_peer_id(frame.stream_id)
-        if len(self._streams) - self._local_streams >= self.config.max_streams:
+        if self._remote_streams >= self.config.max_streams:
             raise RemoteLimitError(f"peer opened more than {self.config.max_streams} streams")
         traffic = self.counters.forward(frame.forward)
         self._streams[frame.stream_id] = _Stream(
@@ -904,6 +931,7 @@ class Multiplexer:
             local=False,
             traffic=traffic,
         )
+        self._remote_streams += 1
         self.counters.streams_opened["remote"] += 1
         traffic.streams_opened += 1
         traffic.streams_active += 1
