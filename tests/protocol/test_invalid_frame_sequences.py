@@ -19,6 +19,7 @@ from sshrelay.protocol.errors import (
     ErrorCode,
     FrameDecodeError,
     FrameTooLargeError,
+    LocalProtocolError,
     RemoteFlowControlError,
     RemoteLimitError,
     RemoteProtocolError,
@@ -195,6 +196,30 @@ def test_too_many_streams(raw_peer) -> None:
     assert term.code == ErrorCode.LIMIT_EXCEEDED
 
 
+def test_stream_limit_counts_only_streams_the_peer_still_counts(make_pair) -> None:
+    """A stream closed at both ends frees its slot at the opener at once; the acceptor,
+    which keeps it only until its application consumes the tail, must not count it."""
+    pair = make_pair(MuxConfig(max_streams=2), MuxConfig())
+    first, second = pair.client.open_stream(0), pair.client.open_stream(0)
+    pair.drain()
+    pair.relay.accept_stream(first)
+    pair.relay.accept_stream(second)
+    pair.drain()
+    pair.client.send_stream_data(first, b"unconsumed tail")
+    pair.client.end_stream(first)
+    pair.relay.end_stream(first)
+    pair.drain()
+    assert pair.client.stream_count() == 1  # the client forgot the first stream
+    third = pair.client.open_stream(0)  # so it may open another
+    pair.drain()
+    assert pair.relay.is_open, pair.take(pair.relay)[-1]
+    assert StreamOpened(third, 0, {}) in pair.take(pair.relay)
+    with pytest.raises(LocalProtocolError):
+        pair.client.open_stream(0)
+    pair.relay.acknowledge_received_data(first, len(b"unconsumed tail"))
+    assert pair.relay.stream_count() == 2
+
+
 def test_too_many_flows(raw_peer) -> None:
     peer = raw_peer(config=MuxConfig(max_flows=1))
     peer.send(FT.FLOW_OPEN, 1, 0, 0, {})
@@ -309,10 +334,6 @@ def test_huge_length_prefix_is_refused_before_memory_is_committed(raw_peer, head
     _assert_session_failed(peer, events, FrameTooLargeError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec bug: FrameDecoder.feed discards the frames it decoded before the bad byte",
-)
 def test_frames_before_the_bad_one_are_processed(raw_peer) -> None:
     """Events must not depend on how the bytes were cut: valid frames before garbage count."""
     peer = raw_peer()
