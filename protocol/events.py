@@ -101,18 +101,12 @@ class StreamEnded(Event):
 
 @dataclass(slots=True)
 class StreamReset(Event):
-    """The stream was aborted by the peer (``remote``) or by session teardown."""
+    """The peer aborted the stream. (When the whole session ends there is one
+    ``ConnectionTerminated`` instead: every stream and flow is gone with it.)"""
 
     stream_id: int
     code: int
     remote: bool = True
-
-
-@dataclass(slots=True)
-class StreamClosed(Event):
-    """The stream finished cleanly: FIN sent and flushed, FIN received."""
-
-    stream_id: int
 
 
 @dataclass(slots=True)
@@ -143,7 +137,8 @@ class DatagramReceived(Event):
 
 @dataclass(slots=True)
 class FlowClosed(Event):
-    """A flow ended: closed by the peer, expired idle here, or torn down."""
+    """A flow ended: closed by the peer (``remote``) or expired idle here. (Session
+    teardown reports one ``ConnectionTerminated`` instead.)"""
 
     flow_id: int
     code: int

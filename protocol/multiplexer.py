@@ -20,6 +20,7 @@ from typing import Any, Final
 from sshrelay.protocol.codec import (
     MAX_WIRE_INT,
     FrameDecoder,
+    cut_reason,
     data_frame_prefix,
     encode_fields,
     with_bin_header,
@@ -103,9 +104,11 @@ from sshrelay.protocol.windows import ReceiveWindow
 CAPABILITIES: Final = ("streams", "datagrams", "ping", "requests")
 MIN_SPLIT_CHUNK: Final = 1024  # do not cut a stream chunk smaller than this to fit a budget
 MAX_OUTSTANDING_PINGS: Final = 64
+MAX_QUEUED_PONGS: Final = 64
 _INF: Final = float("inf")
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _DATAGRAM_TYPE: Final = int(FrameType.DATAGRAM)
+_PONG_TYPE: Final = int(FrameType.PONG)
 _STREAM_DATA_TYPE: Final = int(FrameType.STREAM_DATA)
 
 
@@ -219,6 +222,7 @@ class Multiplexer:
         self._expiry: list[tuple[float, int]] = []
         self._pings: dict[int, float] = {}
         self._ping_seq = 0
+        self._pongs_queued = 0
         self._next_ping_at: float | None = None
         self._next_request_id = 1
         self._pending_requests: set[int] = set()
@@ -263,7 +267,7 @@ class Multiplexer:
         """Send GOAWAY and end the session; everything still queued is dropped."""
         if self.state is SessionState.CLOSED:
             return
-        self._queue_control(FrameType.GOAWAY, int(code), reason)
+        self._queue_control(FrameType.GOAWAY, int(code), cut_reason(reason))
         self._set_state(SessionInput.SEND_GOAWAY)
         self.termination = ConnectionTerminated(int(code), reason, remote=False)
         self._teardown(describe_code(code))
@@ -303,7 +307,7 @@ class Multiplexer:
 
     def _fail(self, exc: RemoteProtocolError, events: list[Event]) -> None:
         code = int(exc.code)
-        self._queue_control(FrameType.GOAWAY, code, str(exc))
+        self._queue_control(FrameType.GOAWAY, code, cut_reason(str(exc)))
         self._set_state(SessionInput.PROTOCOL_ERROR)
         self.termination = ConnectionTerminated(code, str(exc), remote=False, error=exc)
         events.append(self.termination)
@@ -316,6 +320,7 @@ class Multiplexer:
             if flow is not None:
                 counters.drops[DROP_SESSION_CLOSED if flow.open else DROP_FLOW_CLOSED] += 1
         self._datagram_bytes = 0
+        self._pongs_queued = 0
         for stream in self._streams.values():
             if stream.state is not StreamState.CLOSED:
                 counters.streams_closed["reset"] += 1
@@ -392,6 +397,8 @@ class Multiplexer:
                 if out and size + length > budget:
                     break
                 queue.popleft()
+                if payload[1] == _PONG_TYPE:
+                    self._pongs_queued -= 1
                 out.append(payload)
                 size += length
                 continue
@@ -846,6 +853,8 @@ class Multiplexer:
     # ------------------------------------------------------------------ frame handlers
 
     def _on_hello(self, frame: Hello, events: list[Event]) -> None:
+        if self.state is not SessionState.HELLO_SENT:
+            raise RemoteStateError("a second HELLO")
         if frame.magic != MAGIC:
             raise HandshakeError(f"peer is not an sshrelay endpoint (magic {frame.magic!r})")
         if frame.version != PROTOCOL_VERSION:
@@ -873,6 +882,9 @@ class Multiplexer:
 
     def _on_ping(self, frame: Ping, events: list[Event]) -> None:
         # PONG rides the datagram lane too, so RTT includes the peer's queueing.
+        if self._pongs_queued >= MAX_QUEUED_PONGS:
+            return  # a peer that floods PINGs and does not read gets no more answers
+        self._pongs_queued += 1
         self._datagrams.append((None, encode_fields(FrameType.PONG, frame.seq), self._now))
         self._count_sent("PONG")
 

@@ -178,22 +178,7 @@ def test_importing_the_core_loads_no_io_machinery(banned: str) -> None:
     assert not offenders
 
 
-@pytest.mark.parametrize(
-    "banned",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="sshrelay/__init__.py imports importlib.metadata, which loads "
-                "email.utils and with it socket and selectors",
-            ),
-        )
-        if name in ("socket", "selectors")
-        else name
-        for name in NOT_LOADED
-    ],
-)
+@pytest.mark.parametrize("banned", NOT_LOADED)
 def test_importing_the_multiplexer_loads_no_io_machinery(banned: str) -> None:
     """As an application would: ``import sshrelay.protocol.multiplexer``."""
     loaded = _loaded_after_import(
