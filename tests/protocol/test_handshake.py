@@ -234,3 +234,16 @@ def test_close_before_handshake_sends_goaway(decode) -> None:
     assert isinstance(frames[0], Hello)
     assert isinstance(frames[-1], GoAway) and frames[-1].code == ErrorCode.SHUTDOWN
     assert mux.termination is not None and not mux.termination.remote
+
+
+def test_a_second_hello_is_a_protocol_error_and_changes_nothing(raw_peer) -> None:
+    from sshrelay.protocol.frames import FrameType
+
+    peer = raw_peer()
+    limits_before = dict(peer.mux.peer_limits)
+    small = dict(MuxConfig().hello_limits(), stream_window=1024)
+    events = peer.send(FrameType.HELLO, "sshrelay", 2, [], small)
+    (term,) = [e for e in events if isinstance(e, ConnectionTerminated)]
+    assert term.code == ErrorCode.STREAM_STATE_ERROR
+    assert "second HELLO" in term.reason
+    assert peer.mux.peer_limits == limits_before

@@ -158,3 +158,21 @@ def test_timers_stop_after_close(make_pair, small_config) -> None:
     pair.relay.close()
     assert pair.relay.get_timer() is None
     assert pair.relay.handle_timer(100.0) == []
+
+
+def test_a_ping_flood_from_a_peer_that_never_reads_queues_a_bounded_number_of_pongs(
+    raw_peer,
+) -> None:
+    from sshrelay.protocol.codec import encode_fields
+    from sshrelay.protocol.frames import FrameType
+    from sshrelay.protocol.multiplexer import MAX_QUEUED_PONGS
+
+    peer = raw_peer()
+    flood = b"".join(encode_fields(FrameType.PING, seq) for seq in range(10_000))
+    assert peer.send_bytes(flood) == []
+    pongs = [frame for frame in peer.pull() if isinstance(frame, Pong)]
+    assert len(pongs) == MAX_QUEUED_PONGS
+    assert [p.seq for p in pongs] == list(range(MAX_QUEUED_PONGS))
+    # Once the queue drained, PINGs are answered again.
+    peer.send(FrameType.PING, 99_999)
+    assert [f.seq for f in peer.pull() if isinstance(f, Pong)] == [99_999]
