@@ -60,6 +60,7 @@ from sshrelay.protocol.events import (
 )
 from sshrelay.protocol.frames import (
     CONNECTION_ID,
+    FRAME_CLASSES,
     MAGIC,
     PROTOCOL_VERSION,
     Datagram,
@@ -109,6 +110,10 @@ _INF: Final = float("inf")
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _DATAGRAM_TYPE: Final = int(FrameType.DATAGRAM)
 _PONG_TYPE: Final = int(FrameType.PONG)
+_FRAME_NAMES: Final[dict[type[Frame], str]] = {
+    cls: FrameType(number).name for number, cls in FRAME_CLASSES.items()
+}
+_HANDSHAKE_FRAMES: Final = frozenset({Hello, GoAway})
 _STREAM_DATA_TYPE: Final = int(FrameType.STREAM_DATA)
 
 
@@ -292,11 +297,12 @@ class Multiplexer:
             received = self.counters.frames_received
             handlers = self._handlers
             for frame in frames:
-                name = frame.TYPE.name
+                kind = type(frame)
+                name = _FRAME_NAMES[kind]  # Enum.name is a slow property on this hot path
                 received[name] = received.get(name, 0) + 1
-                if self.state is SessionState.HELLO_SENT and type(frame) not in (Hello, GoAway):
+                if kind not in _HANDSHAKE_FRAMES and self.state is SessionState.HELLO_SENT:
                     raise HandshakeError(f"expected HELLO, got {name}")
-                handlers[type(frame)](frame, events)
+                handlers[kind](frame, events)
                 if self.termination is not None:  # GOAWAY received
                     break
             if decode_error is not None and self.termination is None:
