@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import monotonic
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -48,7 +48,8 @@ from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.client")
 T = TypeVar("T")
-PROBE_INTERVAL = 1.0  # seconds between TCP probes of the relay's port while backing off
+PROBE_INTERVAL = 1.0  # a new TCP probe of the relay's port every second while backing off
+PROBE_TIMEOUT = 8.0  # each probe keeps its SYNs going this long
 
 # Exit codes of `relay connect` (docs/operations.md).
 EXIT_OK = 0
@@ -315,24 +316,37 @@ class Client:
 
     async def _wait_or_probe(self, stop: asyncio.Event, delay: float, probe: bool) -> None:
         """Sleep ``delay`` (or until ``stop``); with ``probe``, end early once the relay's
-        port accepts a TCP connection again, so recovery follows the network at once."""
+        port accepts a TCP connection again, so recovery follows the network at once.
+
+        A new probe starts every second and earlier ones keep running (each up to
+        PROBE_TIMEOUT), so a SYN is always in flight whatever the kernel's SYN
+        retransmission schedule: a restored link is seen within about a second.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
-        while not stop.is_set() and loop.time() < deadline:
-            step = min(PROBE_INTERVAL, deadline - loop.time()) if probe else delay
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, step))
-                return
-            except TimeoutError:
-                pass
-            if probe and loop.time() < deadline:
-                try:
-                    sock = await self._tcp_connect(PROBE_INTERVAL)
-                except ClientError:
-                    continue
-                sock.close()
-                log.info("the relay answers again: reconnecting now")
-                return
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        probes: set[asyncio.Future[Any]] = set()
+        try:
+            while not stop.is_set() and loop.time() < deadline:
+                if probe:
+                    probes.add(asyncio.ensure_future(self._tcp_connect(PROBE_TIMEOUT)))
+                step = min(PROBE_INTERVAL, deadline - loop.time()) if probe else delay
+                done, _ = await asyncio.wait(
+                    {stopper, *probes}, timeout=max(0.0, step), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done - {stopper}:
+                    probes.discard(task)
+                    if task.exception() is None:
+                        task.result().close()
+                        log.info("the relay answers again: reconnecting now")
+                        return
+        finally:
+            stopper.cancel()
+            for task in probes:
+                task.cancel()
+            for task in probes:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    (await task).close()
 
     async def _request_forward(
         self, session: ClientChannelSession, index: int, spec: ForwardSpec
