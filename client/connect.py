@@ -291,25 +291,58 @@ class Client:
         return session
 
     async def _tcp_connect(self, timeout: float) -> socket.socket:
-        """Our own TCP connect, so a black-holed relay costs ``timeout``, not minutes of SYNs."""
+        """Our own TCP connect, so a black-holed relay costs ``timeout``, not minutes of SYNs.
+
+        A fresh connection attempt starts every second (earlier ones keep going) and the
+        first to succeed wins, so a restored link is used within about a second whatever
+        the kernel's SYN retransmission schedule (0, 1, 3, 7 s on older kernels).
+        """
         options = self.options
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(options.host, options.port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise ClientError(EXIT_CONNECT, f"cannot resolve {options.host}: {exc}") from None
-        last: Exception | None = None
-        for family, kind, proto, _, address in infos:
+        family, kind, proto, _, address = infos[0]
+
+        async def attempt() -> socket.socket:
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
-            except (OSError, TimeoutError) as exc:
+                await loop.sock_connect(sock, address)
+            except BaseException:
                 sock.close()
-                last = exc
-                continue
+                raise
             return sock
-        detail = "timed out" if isinstance(last, TimeoutError) else str(last)
+
+        deadline = loop.time() + timeout
+        next_launch = loop.time()
+        attempts: set[asyncio.Future[socket.socket]] = set()
+        last: BaseException | None = None
+        try:
+            while loop.time() < deadline:
+                if loop.time() >= next_launch:
+                    attempts.add(asyncio.ensure_future(attempt()))
+                    next_launch = loop.time() + PROBE_INTERVAL
+                done, _ = await asyncio.wait(
+                    attempts,
+                    timeout=max(0.0, min(next_launch, deadline) - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    attempts.discard(task)
+                    if task.exception() is None:
+                        return task.result()
+                    last = task.exception()
+                if done and not attempts:
+                    break  # refused or unreachable outright: report it now, not in 3 s
+        finally:
+            for task in attempts:
+                task.cancel()
+            for task in attempts:
+                with contextlib.suppress(BaseException):
+                    (await task).close()
+        detail = str(last) if last is not None else "timed out"
         raise ClientError(
             EXIT_CONNECT, f"cannot connect to the relay at {options.host}:{options.port}: {detail}"
         )
