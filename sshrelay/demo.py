@@ -136,6 +136,7 @@ async def _demo(seconds: float) -> int:
 
         echo_tcp = await asyncio.start_server(_tcp_echo, LOOPBACK, 0)
         tcp_port = echo_tcp.sockets[0].getsockname()[1]
+
         def echo(data: bytes, addr: Address) -> None:
             echo_udp.sendto(data, addr)
 
