@@ -68,6 +68,7 @@ SETTINGS: dict[str, Setting] = {
     "connect_timeout": Setting(float, positive),
     "udp_idle_timeout": Setting(float, positive),
     "max_datagram_age": Setting(float, positive),
+    "stream_window": Setting(int, lambda v: None if v >= 1024 else "must be at least 1024"),
 }
 
 
@@ -267,6 +268,8 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
         mux.ping_interval = values["ping_interval"]
     if "max_datagram_age" in values:
         mux.max_datagram_age = values["max_datagram_age"]
+    if "stream_window" in values:  # smaller: UDP waits less behind bulk TCP; larger: faster TCP
+        mux.stream_window = values["stream_window"]
     options = ClientOptions(
         host=host,
         port=port,

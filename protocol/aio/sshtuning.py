@@ -31,8 +31,8 @@ ENCRYPTION_ALGS: Final = [
 ]
 CHANNEL_WINDOW: Final = 8 * 1024 * 1024  # SSH channel window: ample for long fat links
 CHANNEL_MAX_PKTSIZE: Final = 32768  # larger packets measured slower: asyncssh re-copies its input
-WRITE_HIGH_WATER: Final = 256 * 1024  # unsent bytes we allow below our scheduler
-NOTSENT_LOWAT: Final = 128 * 1024
+WRITE_HIGH_WATER: Final = 128 * 1024  # unsent bytes we allow below our scheduler
+NOTSENT_LOWAT: Final = 64 * 1024
 # Bytes of channel data handled per event-loop pass before the SSH socket yields to
 # the others. libuv reads a busy socket up to 32 times per pass; without a bound a
 # bulk stream keeps UDP sockets (and their datagrams' latency) waiting for megabytes.
