@@ -15,16 +15,16 @@ from sshrelay.client.connect import EXIT_USAGE, Client, ClientError, ClientOptio
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
 from sshrelay.protocol.aio.metrics import start_metrics
-from sshrelay.protocol.aio.sshtuning import DEAD_LINK_TIMEOUT, DeadLink
 from sshrelay.protocol.aio.tomlconfig import (
+    TUNNEL_SETTINGS,
     ConfigError,
     Setting,
     check_table,
     load_section,
     non_negative,
     positive,
+    tunnel_config,
 )
-from sshrelay.protocol.config import MuxConfig
 from sshrelay.protocol.forwards import ForwardSpec, ForwardSpecError, parse_forward_spec
 
 log = logging.getLogger("sshrelay.client")
@@ -47,28 +47,16 @@ FORWARD_TABLE: dict[str, Setting] = {
 }
 
 SETTINGS: dict[str, Setting] = {
+    **TUNNEL_SETTINGS,
     "server": Setting(str),
     "identity": Setting(str),
     "forwards": Setting(list),
     "known_hosts": Setting(str),
     "accept_new": Setting(bool),
-    "metrics": Setting(str),
-    "log_level": Setting(
-        str,
-        lambda v: (
-            None
-            if v in ("debug", "info", "warning", "error")
-            else "must be debug, info, warning or error"
-        ),
-    ),
-    "dead_link_timeout": Setting(float, positive),
-    "ping_interval": Setting(float, positive),
     "reconnect": Setting(bool),
     "max_retries": Setting(int, non_negative),
     "connect_timeout": Setting(float, positive),
     "udp_idle_timeout": Setting(float, positive),
-    "max_datagram_age": Setting(float, positive),
-    "stream_window": Setting(int, lambda v: None if v >= 1024 else "must be at least 1024"),
 }
 
 
@@ -262,14 +250,7 @@ def build_options(args: argparse.Namespace) -> tuple[ClientOptions, dict[str, An
         identity = str(default) if default.exists() else None
     if identity is None:
         raise ValueError("no key: pass -i KEYFILE (create one with `relay keygen FILE`)")
-    dead_link = DeadLink(values.get("dead_link_timeout", DEAD_LINK_TIMEOUT))
-    mux = dead_link.apply(MuxConfig())
-    if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
-        mux.ping_interval = values["ping_interval"]
-    if "max_datagram_age" in values:
-        mux.max_datagram_age = values["max_datagram_age"]
-    if "stream_window" in values:  # smaller: UDP waits less behind bulk TCP; larger: faster TCP
-        mux.stream_window = values["stream_window"]
+    dead_link, mux = tunnel_config(values)
     options = ClientOptions(
         host=host,
         port=port,

@@ -15,16 +15,15 @@ from sshrelay.protocol.aio.keys import KeyFileError, fingerprint
 from sshrelay.protocol.aio.logs import setup_logging
 from sshrelay.protocol.aio.loop import run as run_loop
 from sshrelay.protocol.aio.metrics import start_metrics
-from sshrelay.protocol.aio.sshtuning import DEAD_LINK_TIMEOUT, DeadLink
 from sshrelay.protocol.aio.tomlconfig import (
+    TUNNEL_SETTINGS,
     ConfigError,
     Setting,
     check_table,
     load_section,
     non_negative,
-    positive,
+    tunnel_config,
 )
-from sshrelay.protocol.config import MuxConfig
 from sshrelay.relay.auth import AuthorizedKeys, AuthSetupError
 from sshrelay.relay.server import RelayOptions, RelayServer, load_host_key
 
@@ -69,25 +68,12 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
 
 
 SETTINGS: dict[str, Setting] = {
+    **TUNNEL_SETTINGS,
     "listen": Setting(str),
     "host_key": Setting(str),
     "authorized_keys": Setting(str),
-    "metrics": Setting(str),
-    "log_level": Setting(
-        str,
-        lambda v: (
-            None
-            if v in ("debug", "info", "warning", "error")
-            else "must be debug, info, warning or error"
-        ),
-    ),
-    "dead_link_timeout": Setting(float, positive),
-    "ping_interval": Setting(float, positive),
     "lease_grace": Setting(float, non_negative),
     "max_held_connections": Setting(int, non_negative),
-    "max_datagram_age": Setting(float, positive),
-    "datagram_queue_bytes": Setting(int, positive),
-    "stream_window": Setting(int, lambda v: None if v >= 1024 else "must be at least 1024"),
     "login_timeout": Setting(float, non_negative),
 }
 
@@ -158,13 +144,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         usage_error("relay serve", f"--listen {exc}")
     setup_logging(values.get("log_level", "info"))
-    dead_link = DeadLink(values.get("dead_link_timeout", DEAD_LINK_TIMEOUT))
-    mux = dead_link.apply(MuxConfig())
-    if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
-        mux.ping_interval = values["ping_interval"]
-    for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
-        if key in values:
-            setattr(mux, key, values[key])
+    dead_link, mux = tunnel_config(values)
     options = RelayOptions(
         listen_host=host,
         listen_port=port,

@@ -1,4 +1,4 @@
-"""TOML configuration files: load a section and check every key.
+"""TOML configuration files: load a section, check every key, and the settings both ends share.
 
 Both ends describe their settings as ``Setting`` tables. An unknown key, a
 value of the wrong type or out of range is a ``ConfigError`` that names the
@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sshrelay.protocol.aio.sshtuning import DEAD_LINK_TIMEOUT, DeadLink
+from sshrelay.protocol.config import MuxConfig
 
 
 class ConfigError(Exception):
@@ -81,3 +84,40 @@ def check_table(table: dict[str, Any], settings: dict[str, Setting], where: str)
                 raise ConfigError(f"{where}: key {key!r} {problem}")
         checked[key] = value
     return checked
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: Any) -> str | None:
+    return None if value in LOG_LEVELS else "must be debug, info, warning or error"
+
+
+def _window(value: Any) -> str | None:
+    return None if value >= 1024 else "must be at least 1024"
+
+
+# Keys both [serve] and [connect] accept: metrics, logging and the tunnel's timings.
+TUNNEL_SETTINGS: dict[str, Setting] = {
+    "metrics": Setting(str),
+    "log_level": Setting(str, _log_level),
+    "dead_link_timeout": Setting(float, positive),
+    "ping_interval": Setting(float, positive),
+    "max_datagram_age": Setting(float, positive),
+    "datagram_queue_bytes": Setting(int, positive),
+    "stream_window": Setting(int, _window),
+}
+
+
+def tunnel_config(values: dict[str, Any]) -> tuple[DeadLink, MuxConfig]:
+    """The dead-link timings and multiplexer config that the TUNNEL_SETTINGS keys describe."""
+    dead_link = DeadLink(values.get("dead_link_timeout", DEAD_LINK_TIMEOUT))
+    mux = dead_link.apply(MuxConfig())
+    if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
+        mux.ping_interval = values["ping_interval"]
+    # stream_window: smaller lets UDP wait less behind bulk TCP; larger makes one TCP
+    # stream faster on long links (docs/performance.md measures the trade-off).
+    for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
+        if key in values:
+            setattr(mux, key, values[key])
+    return dead_link, mux
