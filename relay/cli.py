@@ -22,6 +22,7 @@ from sshrelay.protocol.aio.tomlconfig import (
     check_table,
     load_section,
     non_negative,
+    positive,
     tunnel_config,
 )
 from sshrelay.relay.auth import AuthorizedKeys, AuthSetupError
@@ -75,6 +76,7 @@ SETTINGS: dict[str, Setting] = {
     "lease_grace": Setting(float, non_negative),
     "max_held_connections": Setting(int, non_negative),
     "login_timeout": Setting(float, non_negative),
+    "key_check_interval": Setting(float, positive),
 }
 
 
@@ -153,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         lease_grace=values.get("lease_grace", 60.0),
         max_held_connections=values.get("max_held_connections", 64),
         login_timeout=values.get("login_timeout", 30.0),
+        key_check_interval=values.get("key_check_interval", 5.0),
     )
     key_path = Path(values.get("host_key") or config_dir() / "host_ed25519").expanduser()
     keys_path = Path(values.get("authorized_keys") or config_dir() / "authorized_keys").expanduser()

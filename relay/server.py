@@ -54,6 +54,7 @@ class RelayOptions:
     mux: MuxConfig = field(default_factory=MuxConfig)  # ping timings come from dead_link
     lease_grace: float = 60.0  # seconds a public port stays reserved after its session ends
     max_held_connections: int = 64  # public TCP connections held per lease during grace
+    key_check_interval: float = 5.0  # re-read authorized_keys; close sessions of removed keys
 
     def __post_init__(self) -> None:
         if self.mux.ping_timeout is None:
@@ -76,6 +77,7 @@ class RelayServer:
         self.sessions: set[RelayChannelSession] = set()
         self.metrics.auth_failures.update(unknown_key=0)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._key_watch: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self._acceptor = await asyncssh.create_server(
@@ -95,6 +97,27 @@ class RelayServer:
             reuse_address=True,
             **connection_options(),
         )
+        self._key_watch = asyncio.ensure_future(self._watch_keys())
+
+    async def _watch_keys(self) -> None:
+        """Permissions hold for live sessions too, not only at login: a key removed from
+        authorized_keys loses its session and its ports within one interval."""
+        while True:
+            await asyncio.sleep(self.options.key_check_interval)
+            self.keys.maybe_reload()
+            self.revoke_removed_keys()
+
+    def revoke_removed_keys(self) -> None:
+        for session in list(self.sessions):
+            if session.key is None or session.revoked:
+                continue
+            if self.keys.lookup(session.key, session.peer_host, session.peer_host) is None:
+                log.warning(
+                    "%s: key removed from authorized_keys; closing its session and ports",
+                    session.who,
+                )
+                session.revoked = True
+                session.close(ErrorCode.NOT_PERMITTED, "this key was removed from the relay")
 
     @property
     def port(self) -> int:
@@ -103,6 +126,8 @@ class RelayServer:
 
     async def close(self, reason: str = "relay shutting down") -> None:
         """Stop accepting, tell every client (GOAWAY), close all public listeners."""
+        if self._key_watch is not None:
+            self._key_watch.cancel()
         if self._acceptor is not None:
             self._acceptor.close()
         for session in list(self.sessions):
@@ -203,6 +228,7 @@ class RelayChannelSession(MuxChannelSession, asyncssh.SSHServerSession[bytes]):
         self.peer = peer
         self.key: asyncssh.SSHKey | None = None  # the key this session logged in with
         self.peer_host = ""
+        self.revoked = False  # its key left authorized_keys: its ports go at once
         self.listeners: list[Listener] = []
         self._mode = "none"
         self._pending: set[asyncio.Task[None]] = set()
@@ -275,10 +301,11 @@ class _RelayPolicy:
         for key in relay_session.forward_names.values():
             relay_session.relay.metrics.forward_up[key] = 0
         registry = relay_session.relay.registry
-        # A client that said goodbye (GOAWAY without an error) is not coming back: its
-        # ports close now. A lost link (or any other ending) keeps them leased for the
-        # grace period so that a reconnecting client gets them back.
+        # A client that said goodbye (GOAWAY without an error) is not coming back, nor is
+        # a revoked key: their ports close now. A lost link (or any other ending) keeps
+        # them leased for the grace period so that a reconnecting client gets them back.
         goodbye = event.remote and event.code in (ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN)
+        goodbye = goodbye or relay_session.revoked
         for listener in relay_session.listeners:
             bound = listener.binding is not None and listener.binding.session is session
             if goodbye and bound:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -105,3 +106,32 @@ def test_emptying_authorized_keys_while_running_revokes_every_key(bed, targets, 
     assert proc.wait(20) != 0, proc.describe()
     assert "refused our key" in proc.stderr, proc.describe()
     assert relay.proc.running(), relay.proc.describe()
+
+
+@pytest.mark.timeout(60)
+def test_removing_a_key_closes_its_live_session_and_releases_its_ports(bed, targets):
+    """ACLs are not only checked at login: a live session of a removed key is closed,
+    its public port released at once (no grace period), and the client cannot return."""
+    target = targets.tcp_echo()
+    other = bed.keys.public_line(bed.keys.stranger)
+    bed.authorized_keys.write_text(_key_line(bed) + other + "\n")
+    config = bed.write("relay.toml", "[serve]\nkey_check_interval = 0.5\n")
+    relay = bed.serve("--config", str(config))
+    tunnel = bed.connect(relay, bed.forward(target.port))
+    port = tunnel.ports[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+
+    bed.authorized_keys.write_text(other + "\n")
+    started = time.monotonic()
+    bed.wait_until(lambda: bed.tcp_refused(port), 10, "the revoked key's port to close")
+    closed_after = time.monotonic() - started
+    relay.proc.wait_line(
+        r"key removed from authorized_keys; closing its session", timeout=5, stream="stderr"
+    )
+    # The client notices, tries to come back, and is refused for good (exit 4).
+    assert tunnel.proc.wait(30) == 4, tunnel.proc.describe()
+    assert "refused our key" in tunnel.proc.stderr, tunnel.proc.describe()
+    print(f"port closed {closed_after:.2f} s after the key was removed (check interval 0.5 s)")
+    assert closed_after < 5
