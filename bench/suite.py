@@ -50,7 +50,6 @@ import os
 import platform
 import re
 import resource
-import select
 import shutil
 import signal
 import socket
@@ -66,6 +65,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/ is not a package
+
+from bench_tunnel import LineReader, Tags, relay_command  # noqa: E402
+
 ROOT = HERE.parent
 LOADGEN = HERE / "loadgen.py"
 LOOPBACK = "127.0.0.1"
@@ -240,30 +243,6 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-class LineReader:
-    """Whole lines from a child's stdout pipe, with a timeout."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        self.fd = proc.stdout.fileno()
-        self.buffer = b""
-
-    def readline(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no line from child process")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    raise EOFError("child process closed its stdout")
-                self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode(errors="replace")
-
-
 class Target:
     """A long-lived loadgen target; ``stats [TAG]`` on its stdin answers one JSON line."""
 
@@ -354,14 +333,6 @@ def need(tool: str, package: str, extra: tuple[str, ...] = ()) -> str:
     if not found:
         raise SuiteError(f"{tool} not found: install the Debian package {package}")
     return found
-
-
-def relay_command() -> list[str]:
-    script = Path(sys.executable).parent / "relay"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("relay")
-    return [found] if found else [sys.executable, "-m", "sshrelay"]
 
 
 # ---------------------------------------------------------------- OpenSSH: sshd, ssh -R, socat
@@ -623,15 +594,6 @@ def log_problems(paths: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------- measurements
-
-
-class Tags:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self) -> int:
-        self.n += 1
-        return self.n
 
 
 def wait_iperf_idle(server_port: int, timeout: float = 5.0) -> None:
