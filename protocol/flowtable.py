@@ -15,13 +15,12 @@ from collections.abc import Hashable
 class PeerFlowTable:
     """Bidirectional peer <-> flow id map ordered by last activity."""
 
-    __slots__ = ("_by_flow", "_by_peer", "capacity", "evictions")
+    __slots__ = ("_by_flow", "_by_peer", "capacity")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("flow table capacity must be at least 1")
         self.capacity = capacity
-        self.evictions = 0
         self._by_peer: OrderedDict[Hashable, int] = OrderedDict()
         self._by_flow: dict[int, Hashable] = {}
 
@@ -34,9 +33,6 @@ class PeerFlowTable:
         if flow_id is not None:
             self._by_peer.move_to_end(peer)
         return flow_id
-
-    def peer_of(self, flow_id: int) -> Hashable | None:
-        return self._by_flow.get(flow_id)
 
     def victim(self) -> int | None:
         """The flow to evict before adding a peer, if the table is full."""

@@ -241,8 +241,8 @@ class _PublicFlow:
 
     def tunnel_datagram(self, data: bytes) -> None:
         sock = self.endpoint.sock
-        if sock is not None and not sock.sendto(data, self.addr):
-            self.endpoint.send_drops += 1
+        if sock is not None:
+            sock.sendto(data, self.addr)  # a refusal is counted in sock.send_errors
 
     def tunnel_flow_closed(self, code: int, remote: bool) -> None:
         self.endpoint.table.remove(self.flow_id)
@@ -258,7 +258,6 @@ class UdpListener(Listener):
         super().__init__(request, owner, metrics)
         self.sock: UdpSocket | None = None
         self.table = PeerFlowTable(request.max_flows)
-        self.send_drops = 0  # replies the kernel refused
 
     async def open(self) -> None:
         try:
@@ -287,7 +286,6 @@ class UdpListener(Listener):
                 self.table.remove(victim)
                 session.detach_flow(victim)
                 mux.close_flow(victim, ErrorCode.EVICTED)
-                self.table.evictions += 1
                 self.metrics.flows_evicted += 1
             try:
                 flow_id = mux.open_flow(

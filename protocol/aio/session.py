@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from time import monotonic
-from typing import Any, Protocol
+from typing import Protocol
 
 import asyncssh
 from asyncssh.channel import SSHChannel
@@ -341,9 +340,3 @@ class MuxChannelSession(SSHSession[bytes]):
 
     def detach_flow(self, flow_id: int) -> None:
         self.flows.pop(flow_id, None)
-
-    def call(self, action: Callable[..., Any], *args: Any) -> Any:
-        """Run a multiplexer API call and schedule a flush of what it queued."""
-        result = action(*args)
-        self.kick()
-        return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.errors import ErrorCode, LocalProtocolError, describe_code
@@ -48,8 +48,6 @@ class TcpStreamBridge(asyncio.Protocol):
         self._unacked = 0
         self._outbox: list[bytes] = []  # tunnel data waiting for this pass's single write
         self._finished = False
-        self.bytes_up = 0
-        self.bytes_down = 0
 
     # ------------------------------------------------------------------ wiring
 
@@ -88,7 +86,6 @@ class TcpStreamBridge(asyncio.Protocol):
             return
         part = data[:window]
         self.mux.send_stream_data(sid, part)
-        self.bytes_up += len(part)
         self.session.kick()
         if len(data) > window:
             self._pending += data[window:]
@@ -151,7 +148,6 @@ class TcpStreamBridge(asyncio.Protocol):
             return
         size = sum(map(len, outbox))
         transport.writelines(outbox) if len(outbox) > 1 else transport.write(outbox[0])
-        self.bytes_down += size
         if self._write_paused:
             self._unacked += size
         else:
@@ -230,6 +226,3 @@ class TcpStreamBridge(asyncio.Protocol):
         callback, self._on_done = self._on_done, None
         if callback is not None:
             callback(self)
-
-    def info(self) -> dict[str, Any]:
-        return {"stream": self.stream_id, "up": self.bytes_up, "down": self.bytes_down}
