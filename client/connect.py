@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import monotonic
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncssh
 
@@ -48,8 +48,7 @@ from sshrelay.protocol.stats import ForwardKey
 
 log = logging.getLogger("sshrelay.client")
 T = TypeVar("T")
-PROBE_INTERVAL = 1.0  # a new TCP probe of the relay's port every second while backing off
-PROBE_TIMEOUT = 8.0  # each probe keeps its SYNs going this long
+PROBE_INTERVAL = 1.0  # a fresh SYN toward the relay every second while reconnecting
 
 # Exit codes of `relay connect` (docs/operations.md).
 EXIT_OK = 0
@@ -351,35 +350,29 @@ class Client:
         """Sleep ``delay`` (or until ``stop``); with ``probe``, end early once the relay's
         port accepts a TCP connection again, so recovery follows the network at once.
 
-        A new probe starts every second and earlier ones keep running (each up to
-        PROBE_TIMEOUT), so a SYN is always in flight whatever the kernel's SYN
-        retransmission schedule: a restored link is seen within about a second.
+        The probe is one staggered ``_tcp_connect`` spanning the wait (a fresh SYN every
+        second while the link is black-holed); when the relay refuses outright (its
+        process is down), the next probe follows a second later.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
-        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-        probes: set[asyncio.Future[Any]] = set()
-        try:
-            while not stop.is_set() and loop.time() < deadline:
-                if probe:
-                    probes.add(asyncio.ensure_future(self._tcp_connect(PROBE_TIMEOUT)))
-                step = min(PROBE_INTERVAL, deadline - loop.time()) if probe else delay
-                done, _ = await asyncio.wait(
-                    {stopper, *probes}, timeout=max(0.0, step), return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done - {stopper}:
-                    probes.discard(task)
-                    if task.exception() is None:
-                        task.result().close()
-                        log.info("the relay answers again: reconnecting now")
-                        return
-        finally:
-            stopper.cancel()
-            for task in probes:
-                task.cancel()
-            for task in probes:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    (await task).close()
+        while not stop.is_set() and loop.time() < deadline:
+            started = loop.time()
+            try:
+                if not probe:
+                    await self._until(stop, asyncio.sleep(deadline - started))
+                    return
+                sock = await self._until(stop, self._tcp_connect(deadline - started))
+            except _Stopped:
+                return
+            except ClientError:  # refused outright, or no answer until the deadline
+                pause = min(started + PROBE_INTERVAL, deadline) - loop.time()
+                with contextlib.suppress(_Stopped):
+                    await self._until(stop, asyncio.sleep(max(0.0, pause)))
+                continue
+            sock.close()
+            log.info("the relay answers again: reconnecting now")
+            return
 
     async def _request_forward(
         self, session: ClientChannelSession, index: int, spec: ForwardSpec
