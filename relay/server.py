@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import asyncssh
 
+from sshrelay.protocol.aio.keys import generate_keypair, load_private_key
 from sshrelay.protocol.aio.metrics import MetricsBook
 from sshrelay.protocol.aio.session import MuxChannelSession
 from sshrelay.protocol.aio.sshtuning import (
@@ -411,8 +412,6 @@ class _RelayPolicy:
 
 def load_host_key(path: Path) -> tuple[asyncssh.SSHKey, bool]:
     """Load the host key, generating it (0600) on first start. Returns (key, created)."""
-    from sshrelay.protocol.aio.keys import generate_keypair, load_private_key
-
     if path.exists():
         return load_private_key(path), False
     return generate_keypair(path, comment="sshrelay-host"), True
