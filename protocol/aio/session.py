@@ -14,13 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import monotonic
+from collections.abc import Callable
 from typing import Protocol
 
 import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.session import SSHSession
 
-from sshrelay.protocol.aio.sshtuning import READ_BURST, WRITE_HIGH_WATER, TransportWatch
+from sshrelay.protocol.aio.sshfastpath import ChannelFastPath
+from sshrelay.protocol.aio.sshtuning import (
+    READ_BURST,
+    WRITE_HIGH_WATER,
+    TransportWatch,
+    quiet_packet_log,
+)
 from sshrelay.protocol.config import MuxConfig, Role
 from sshrelay.protocol.errors import ErrorCode
 from sshrelay.protocol.events import (
@@ -88,6 +95,8 @@ class MuxChannelSession(SSHSession[bytes]):
         self.closed = asyncio.Event()
         self.termination: ConnectionTerminated | None = None
         self._chan: SSHChannel[bytes] | None = None
+        self._fast: ChannelFastPath | None = None
+        self._write: Callable[[bytes], None] | None = None
         self._watch: TransportWatch | None = None
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -104,6 +113,12 @@ class MuxChannelSession(SSHSession[bytes]):
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         self._chan = chan
         chan.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
+        if isinstance(chan, SSHChannel):  # (tests drive sessions over in-memory channels too)
+            quiet_packet_log(chan)
+            self._fast = ChannelFastPath(chan)
+            self._write = self._fast.write
+        else:
+            self._write = chan.write
         config = self.mux.config
         dead_link = None
         if config.ping_timeout is not None:
@@ -144,6 +159,8 @@ class MuxChannelSession(SSHSession[bytes]):
         )
         if self._watch is not None:
             self._watch.remove(self._on_drain)
+        if self._fast is not None:
+            self._fast.detach()
         if self._timer is not None:
             self._timer.cancel()
         self.closed.set()
@@ -173,7 +190,8 @@ class MuxChannelSession(SSHSession[bytes]):
     def flush(self) -> None:
         """Write what the multiplexer has, as far as the buffers below allow."""
         chan = self._chan
-        if chan is None:
+        write = self._write
+        if chan is None or write is None:
             return
         mux = self.mux
         while not self._write_blocked:
@@ -187,7 +205,7 @@ class MuxChannelSession(SSHSession[bytes]):
             if not data:
                 break
             try:
-                chan.write(data)
+                write(data)
             except OSError:  # channel already closing
                 break
         if self.termination is not None:

@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.logging import SSHLogger
+from asyncssh.packet import String
 
 from sshrelay.protocol.config import MuxConfig
 
 SUBSYSTEM: Final = "sshrelay"
+_EMPTY_STRING: Final = (String(b""),)
 # AES-GCM is one call per packet; chacha20-poly1305 (asyncssh's default) is two.
 ENCRYPTION_ALGS: Final = [
     "aes128-gcm@openssh.com",
@@ -101,6 +105,48 @@ def tune_socket(sock: socket.socket | None, user_timeout: float | None = None) -
             pass  # not supported by this kernel; only latency suffers
 
 
+def quiet_packet_log(obj: Any) -> None:
+    """Skip asyncssh's per-packet log formatting unless packet logging is on.
+
+    asyncssh formats a name, a byte count and a note for every packet before
+    its logger checks the debug level (packet logs need level 3).
+    """
+    log_sent, log_received = obj.log_sent_packet, obj.log_received_packet
+
+    def log_sent_packet(pkttype: int, pktid: int | None, packet: Any, note: str = "") -> None:
+        if SSHLogger._debug_level >= 3:
+            log_sent(pkttype, pktid, packet, note)
+
+    def log_received_packet(pkttype: int, pktid: int | None, packet: Any, note: str = "") -> None:
+        if SSHLogger._debug_level >= 3:
+            log_received(pkttype, pktid, packet, note)
+
+    obj.log_sent_packet = log_sent_packet
+    obj.log_received_packet = log_received_packet
+
+
+def streamline(conn: SSHConnection) -> None:
+    """Remove per-packet work asyncssh does that our cipher choice makes pointless.
+
+    asyncssh sends an empty SSH_MSG_IGNORE before every packet once encryption is
+    on: the countermeasure to CBC mode's predictable-IV attack. ``ENCRYPTION_ALGS``
+    offers no CBC cipher, so it only doubles the packets, cipher calls and
+    socket writes per channel write; drop those (and only those) packets.
+    """
+    if getattr(conn, "_sshrelay_streamlined", False):
+        return
+    conn._sshrelay_streamlined = True  # type: ignore[attr-defined]
+    send_packet = conn.send_packet
+
+    def send_packet_without_ignore(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == MSG_IGNORE and args == _EMPTY_STRING:
+            return
+        send_packet(pkttype, *args, handler=handler)
+
+    conn.send_packet = send_packet_without_ignore  # type: ignore[method-assign]
+    quiet_packet_log(conn)
+
+
 class TransportWatch:
     """Buffered bytes under an SSH channel, with a callback when they drain."""
 
@@ -121,6 +167,7 @@ class TransportWatch:
 
             conn.resume_writing = resume_writing  # type: ignore[method-assign]
             tune_socket(conn.get_extra_info("socket"), user_timeout)
+            streamline(conn)
 
     def on_drain(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
