@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
 from collections.abc import Callable
+from time import monotonic
 from typing import Protocol
 
 import asyncssh
@@ -118,7 +118,7 @@ class MuxChannelSession(SSHSession[bytes]):
             self._fast = ChannelFastPath(chan)
             self._write = self._fast.write
         else:
-            self._write = chan.write
+            self._write = chan.write  # type: ignore[unreachable]
         config = self.mux.config
         dead_link = None
         if config.ping_timeout is not None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import os
 import struct
-from time import monotonic
 from collections.abc import Callable
+from time import monotonic
 from typing import Any, Final
 
 from asyncssh.channel import SSHChannel
@@ -52,7 +52,7 @@ _PAD_POOL: Final = 64 * 1024
 class _Gcm:
     """One direction's AES-GCM state, borrowed from asyncssh's cipher object."""
 
-    __slots__ = ("encryption", "cipher", "aead")
+    __slots__ = ("aead", "cipher", "encryption")
 
     def __init__(self, encryption: GCMEncryption) -> None:
         self.encryption = encryption
@@ -65,16 +65,17 @@ class ChannelFastPath:
 
     def __init__(self, chan: SSHChannel[bytes]) -> None:
         self.chan = chan
-        self.conn: Any = chan.get_connection()
+        conn: Any = chan.get_connection()
+        self.conn = conn
         self._send_gcm: _Gcm | None = None
         self._recv_gcm: _Gcm | None = None
         self._pad = os.urandom(_PAD_POOL)
         self._pad_at = 0
         self.fast_packets_sent = 0
         self.fast_packets_received = 0
-        self._original_pkthdr: Callable[[], bool] = self.conn._recv_pkthdr
+        self._original_pkthdr: Callable[[], bool] = conn._recv_pkthdr
         # asyncssh looks ``_recv_pkthdr`` up on the instance after every packet.
-        self.conn._recv_pkthdr = self._recv_pkthdr
+        conn._recv_pkthdr = self._recv_pkthdr
 
     def detach(self) -> None:
         if self.conn.__dict__.get("_recv_pkthdr") == self._recv_pkthdr:
@@ -241,4 +242,3 @@ class ChannelFastPath:
         if offset:
             conn._inpbuf = buf[offset:]
         return bool(self._original_pkthdr())
-
