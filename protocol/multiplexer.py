@@ -106,6 +106,9 @@ CAPABILITIES: Final = ("streams", "datagrams", "ping", "requests")
 MIN_SPLIT_CHUNK: Final = 1024  # do not cut a stream chunk smaller than this to fit a budget
 MAX_OUTSTANDING_PINGS: Final = 64
 MAX_QUEUED_PONGS: Final = 64
+# Stream credit goes back at least every 64 KiB consumed, so that a sender keeping
+# only part of a large window in flight (latency mode) is not starved by batching.
+STREAM_CREDIT_BATCH: Final = 64 * 1024
 _INF: Final = float("inf")
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _DATAGRAM_TYPE: Final = int(FrameType.DATAGRAM)
@@ -149,7 +152,7 @@ class _Stream:
         self.state = state
         self.local = local
         self.send_credit = send_credit
-        self.recv = ReceiveWindow(recv_window)
+        self.recv = ReceiveWindow(recv_window, STREAM_CREDIT_BATCH)
         self.out: deque[bytes | memoryview] = deque()
         self.out_bytes = 0
         self.fin_queued = False
@@ -221,6 +224,8 @@ class Multiplexer:
         self._turn_left = 0  # rest of the head stream's turn, cut short by a budget
         self._stalled: set[int] = set()
         self._send_connection_credit = 0
+        self._latency_reserve = 0  # peer's stream window beyond config.latency_window
+        self._latency_until = float("-inf")  # latency mode lasts until then
         self._recv_connection = ReceiveWindow(self.config.connection_window)
         self._send_chunk = self.config.stream_chunk
         self._max_send_datagram = self.config.max_datagram
@@ -538,6 +543,8 @@ class Multiplexer:
             deadlines.append(self._next_ping_at)
         if self._pings and self.config.ping_timeout is not None:
             deadlines.append(min(self._pings.values()) + self.config.ping_timeout)
+        if self._stalled and self._latency_reserve and self._latency_until > float("-inf"):
+            deadlines.append(self._latency_until)  # the whole window is usable again then
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -568,6 +575,10 @@ class Multiplexer:
                 continue
             self.close_flow(flow_id, ErrorCode.IDLE)
             events.append(FlowClosed(flow_id, ErrorCode.IDLE, remote=False))
+        if float("-inf") < self._latency_until <= now:
+            self._latency_until = float("-inf")  # latency mode over: whole windows again
+            if self._stalled and self._latency_reserve:
+                self._wake_stalled(events)
         return events
 
     # ------------------------------------------------------------------ ping & requests
@@ -641,9 +652,17 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         if stream is None or stream.state not in _SENDABLE or stream.fin_queued:
             return 0
-        credit = min(stream.send_credit, self._send_connection_credit)
+        credit = self._usable_credit(stream)
         if not credit:
             self._stalled.add(stream_id)
+        return credit
+
+    def _usable_credit(self, stream: _Stream) -> int:
+        credit = min(stream.send_credit, self._send_connection_credit)
+        if self._latency_reserve and self._now < self._latency_until:
+            # Leave part of the peer's window unused so that few stream bytes sit
+            # ahead of a datagram (see ``MuxConfig.latency_window``).
+            credit = min(credit, max(0, stream.send_credit - self._latency_reserve))
         return credit
 
     def send_stream_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -655,7 +674,7 @@ class Multiplexer:
         length = len(data)
         if not length:
             return
-        credit = min(stream.send_credit, self._send_connection_credit)
+        credit = self._usable_credit(stream)
         if length > credit:
             self._stalled.add(stream_id)  # wake the caller when credit returns
             raise FlowControlError(f"stream {stream_id}: {length} bytes exceed credit {credit}")
@@ -806,6 +825,8 @@ class Multiplexer:
         self._datagrams.append((flow, data, now))
         self._datagram_bytes += length
         flow.last_activity = now
+        self._now = now
+        self._latency_until = now + self.config.latency_hold
         return True
 
     def close_flow(self, flow_id: int, code: int = ErrorCode.NO_ERROR) -> None:
@@ -872,6 +893,10 @@ class Multiplexer:
         self.peer_capabilities = frozenset(frame.capabilities)
         self._set_state(SessionInput.RECV_HELLO)
         self._send_connection_credit = self.peer_limits["connection_window"]
+        if self.config.latency_window is not None:
+            self._latency_reserve = max(
+                0, self.peer_limits["stream_window"] - self.config.latency_window
+            )
         self._send_chunk = min(self.config.stream_chunk, self.peer_limits["max_chunk"])
         self._max_send_datagram = self.peer_limits["max_datagram"]
         if self.config.ping_interval:
@@ -929,6 +954,9 @@ class Multiplexer:
             stream.send_credit += frame.increment
             if stream.send_credit > MAX_WIRE_INT:
                 raise RemoteFlowControlError(f"stream {stream.id} credit overflow")
+        self._wake_stalled(events)
+
+    def _wake_stalled(self, events: list[Event]) -> None:
         for stream_id in list(self._stalled):
             credit = self.send_window(stream_id)
             if credit:

@@ -15,10 +15,13 @@ from sshrelay.protocol.errors import LocalProtocolError
 class ReceiveWindow:
     """Receive-side credit for one stream or for the whole connection."""
 
-    __slots__ = ("available", "size", "unacknowledged", "unreturned")
+    __slots__ = ("available", "batch", "size", "unacknowledged", "unreturned")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_batch: int | None = None) -> None:
         self.size = size
+        # Credit goes back once this much is consumed: a quarter window, or less when
+        # the sender may be holding back part of the window (latency mode).
+        self.batch = max(1, size // 4 if max_batch is None else min(size // 4, max_batch))
         self.available = size  # bytes the peer may still send
         self.unacknowledged = 0  # received, not yet consumed by the application
         self.unreturned = 0  # consumed, credit not yet sent back
@@ -39,7 +42,7 @@ class ReceiveWindow:
             )
         self.unacknowledged -= length
         self.unreturned += length
-        if self.unreturned >= max(1, self.size // 4):
+        if self.unreturned >= self.batch:
             return self.flush()
         return 0
 

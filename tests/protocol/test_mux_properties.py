@@ -64,7 +64,12 @@ RELAY_CONFIG = MuxConfig(
     max_flows=8,
 )
 # The client accepts smaller datagrams, so relay -> client sends can be too large.
-CLIENT_CONFIG = dataclasses.replace(RELAY_CONFIG, max_datagram=9000, stream_chunk=1500)
+# Only the relay holds back part of its credit while it sends datagrams (latency
+# mode), so both behaviours run in every example.
+CLIENT_CONFIG = dataclasses.replace(
+    RELAY_CONFIG, max_datagram=9000, stream_chunk=1500, latency_window=None
+)
+RELAY_CONFIG = dataclasses.replace(RELAY_CONFIG, latency_window=1536, latency_hold=0.5)
 
 _PATTERN = random.Random(1).randbytes(1 << 17)
 
