@@ -64,6 +64,12 @@ class ChannelFastPath:
     """Send and receive one channel's data with as little work per packet as the protocol allows."""
 
     def __init__(self, chan: SSHChannel[bytes]) -> None:
+        # Attribute writes must reach the channel itself (asyncssh's line-editor proxy
+        # would keep them), and payloads are bytes on both sides.
+        if not isinstance(chan, SSHChannel):
+            raise TypeError(f"ChannelFastPath needs an asyncssh SSHChannel, not {type(chan)}")
+        if getattr(chan, "_encoding", None) is not None:
+            raise TypeError("ChannelFastPath needs a binary channel (encoding=None)")
         self.chan = chan
         conn: Any = chan.get_connection()
         self.conn = conn
@@ -74,12 +80,16 @@ class ChannelFastPath:
         self.fast_packets_sent = 0
         self.fast_packets_received = 0
         self._original_pkthdr: Callable[[], bool] = conn._recv_pkthdr
+        self._chained = "_recv_pkthdr" in conn.__dict__  # another channel's fast path
         # asyncssh looks ``_recv_pkthdr`` up on the instance after every packet.
         conn._recv_pkthdr = self._recv_pkthdr
 
     def detach(self) -> None:
         if self.conn.__dict__.get("_recv_pkthdr") == self._recv_pkthdr:
-            del self.conn._recv_pkthdr
+            if self._chained:
+                self.conn._recv_pkthdr = self._original_pkthdr
+            else:
+                del self.conn._recv_pkthdr
 
     # ------------------------------------------------------------------ send
 
