@@ -1,13 +1,15 @@
-"""SSH settings and socket options both ends use, and the one place that
-reaches into asyncssh's transport.
+"""SSH settings and socket options both ends use, and the hooks into asyncssh's
+connection and transport.
 
 asyncssh ignores back-pressure from its TCP transport (its connection's
 ``pause_writing`` is a no-op), so everything written to a channel lands in the
 transport's buffer at once. To keep our scheduler, not that FIFO, in charge of
 what goes on the wire next, ``TransportWatch`` reads the transport's buffer size
-and chains its pause/resume callbacks. This needs asyncssh private attributes;
-they are touched only here, and ``tests/protocol/aio/test_sshtuning.py`` fails
-loudly if asyncssh changes them.
+and chains its pause/resume callbacks; ``streamline`` removes per-packet work
+our cipher choice makes pointless. This needs asyncssh private attributes;
+they are touched only here and in ``sshfastpath.py``, and
+``tests/protocol/aio/test_sshtuning.py`` and ``test_sshfastpath.py`` fail loudly
+if asyncssh changes them.
 """
 
 from __future__ import annotations

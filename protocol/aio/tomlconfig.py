@@ -72,7 +72,8 @@ def check_table(table: dict[str, Any], settings: dict[str, Setting], where: str)
         if isinstance(value, bool) and bool not in kinds:
             ok = False
         else:
-            ok = isinstance(value, kinds)
+            # A whole number is a fine float ("dead_link_timeout = 20").
+            ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
         if ok and float in kinds and isinstance(value, int):
             value = float(value)
         if not ok:
@@ -97,6 +98,10 @@ def _window(value: Any) -> str | None:
     return None if value >= 1024 else "must be at least 1024"
 
 
+def _latency_window(value: Any) -> str | None:
+    return None if value == 0 or value >= 1024 else "must be 0 (off) or at least 1024"
+
+
 # Keys both [serve] and [connect] accept: metrics, logging and the tunnel's timings.
 TUNNEL_SETTINGS: dict[str, Setting] = {
     "metrics": Setting(str),
@@ -106,6 +111,7 @@ TUNNEL_SETTINGS: dict[str, Setting] = {
     "max_datagram_age": Setting(float, positive),
     "datagram_queue_bytes": Setting(int, positive),
     "stream_window": Setting(int, _window),
+    "latency_window": Setting(int, _latency_window),
 }
 
 
@@ -120,4 +126,7 @@ def tunnel_config(values: dict[str, Any]) -> tuple[DeadLink, MuxConfig]:
     for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
         if key in values:
             setattr(mux, key, values[key])
+    # latency_window: stream bytes in flight while datagrams flow (0: no limit).
+    if "latency_window" in values:
+        mux.latency_window = values["latency_window"] or None
     return dead_link, mux
