@@ -35,10 +35,14 @@ class MuxConfig:
     stream_chunk: int = 65_536  # STREAM_DATA payload this end sends (fairness vs. overhead)
     datagram_queue_bytes: int = 4 * 1024 * 1024  # bound on queued outgoing datagram bytes
     max_datagram_age: float = 0.25  # seconds a datagram may wait before it is dropped
-    # While this end sends datagrams (and for ``latency_hold`` seconds after the last
-    # one), each stream keeps at most ``latency_window`` bytes spent and not yet
-    # credited back, however large the peer's window: bytes ahead of a datagram in
-    # the one SSH channel are its queueing delay. None: always use the whole window.
+    # Stream windows this end grants grow (doubling) up to this while a stream
+    # consumes a whole window within two round trips: one stream's throughput is
+    # window / RTT. Equal to stream_window: no growth.
+    max_stream_window: int = 16 * 1024 * 1024
+    # While datagrams arrive from the peer (and for ``latency_hold`` seconds after the
+    # last one), the peer gets stream credit only up to ``latency_window`` per stream:
+    # stream bytes ahead of a datagram in the one SSH channel are its queueing delay.
+    # None: credit goes back as consumed, whatever arrives.
     latency_window: int | None = 256 * 1024
     latency_hold: float = 1.0
     ping_interval: float | None = None  # send PING this often (None: only on request)

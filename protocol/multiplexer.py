@@ -135,6 +135,8 @@ class _Stream:
         "send_credit",
         "state",
         "traffic",
+        "tune_bytes",
+        "tune_started",
     )
 
     def __init__(
@@ -160,6 +162,8 @@ class _Stream:
         self.scheduled = False
         self.prefix = data_frame_prefix(_STREAM_DATA_TYPE, stream_id)
         self.traffic = traffic
+        self.tune_started: float | None = None  # window tuning: this epoch's first consumption
+        self.tune_bytes = 0  # ... and the bytes consumed since
 
 
 class _Flow:
@@ -224,8 +228,11 @@ class Multiplexer:
         self._turn_left = 0  # rest of the head stream's turn, cut short by a budget
         self._stalled: set[int] = set()
         self._send_connection_credit = 0
-        self._latency_reserve = 0  # peer's stream window beyond config.latency_window
-        self._latency_until = float("-inf")  # latency mode lasts until then
+        # Latency mode (receiver side): while datagrams arrive, each stream's peer gets
+        # credit only up to config.latency_window; streams holding back credit are here.
+        self._latency_until = float("-inf")
+        self._held_credit: set[int] = set()
+        self._min_rtt: float | None = None  # smallest PING round trip seen (window tuning)
         self._recv_connection = ReceiveWindow(self.config.connection_window)
         self._send_chunk = self.config.stream_chunk
         self._max_send_datagram = self.config.max_datagram
@@ -543,8 +550,8 @@ class Multiplexer:
             deadlines.append(self._next_ping_at)
         if self._pings and self.config.ping_timeout is not None:
             deadlines.append(min(self._pings.values()) + self.config.ping_timeout)
-        if self._stalled and self._latency_reserve and self._latency_until > float("-inf"):
-            deadlines.append(self._latency_until)  # the whole window is usable again then
+        if self._held_credit and self._latency_until > float("-inf"):
+            deadlines.append(self._latency_until)  # held-back credit goes out then
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -576,9 +583,12 @@ class Multiplexer:
             self.close_flow(flow_id, ErrorCode.IDLE)
             events.append(FlowClosed(flow_id, ErrorCode.IDLE, remote=False))
         if float("-inf") < self._latency_until <= now:
-            self._latency_until = float("-inf")  # latency mode over: whole windows again
-            if self._stalled and self._latency_reserve:
-                self._wake_stalled(events)
+            self._latency_until = float("-inf")  # latency mode over: return held credit
+            held, self._held_credit = self._held_credit, set()
+            for stream_id in held:
+                stream = self._streams.get(stream_id)
+                if stream is not None:
+                    self._send_stream_credit(stream, stream.recv.flush())
         return events
 
     # ------------------------------------------------------------------ ping & requests
@@ -652,17 +662,9 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         if stream is None or stream.state not in _SENDABLE or stream.fin_queued:
             return 0
-        credit = self._usable_credit(stream)
+        credit = min(stream.send_credit, self._send_connection_credit)
         if not credit:
             self._stalled.add(stream_id)
-        return credit
-
-    def _usable_credit(self, stream: _Stream) -> int:
-        credit = min(stream.send_credit, self._send_connection_credit)
-        if self._latency_reserve and self._now < self._latency_until:
-            # Leave part of the peer's window unused so that few stream bytes sit
-            # ahead of a datagram (see ``MuxConfig.latency_window``).
-            credit = min(credit, max(0, stream.send_credit - self._latency_reserve))
         return credit
 
     def send_stream_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
@@ -674,7 +676,7 @@ class Multiplexer:
         length = len(data)
         if not length:
             return
-        credit = self._usable_credit(stream)
+        credit = min(stream.send_credit, self._send_connection_credit)
         if length > credit:
             self._stalled.add(stream_id)  # wake the caller when credit returns
             raise FlowControlError(f"stream {stream_id}: {length} bytes exceed credit {credit}")
@@ -717,11 +719,45 @@ class Multiplexer:
         stream = self._streams.get(stream_id)
         if stream is None or length == 0:
             return  # reset streams had their credit returned already
-        increment = stream.recv.acknowledge(length)
-        if increment and stream.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
-            self._queue_control(FrameType.WINDOW_UPDATE, stream_id, increment)
+        now = self._now
+        recv = stream.recv
+        if now < self._latency_until:
+            # Datagrams are arriving: keep the stream bytes that may sit ahead of them small.
+            increment = recv.acknowledge(length, cap=self.config.latency_window)
+            if recv.unreturned:
+                self._held_credit.add(stream_id)
+        else:
+            increment = recv.acknowledge(length)
+            increment += self._tune_window(stream, length, now)
+        self._send_stream_credit(stream, increment)
         self._acknowledge_connection(length)
         self._maybe_forget(stream)
+
+    def _tune_window(self, stream: _Stream, length: int, now: float) -> int:
+        """Grow a stream's window when it is the bottleneck; the extra credit to send.
+
+        A whole window consumed within two round trips means the sender was waiting
+        for credit (window / RTT limits one stream), so the window doubles, up to
+        ``max_stream_window``. A slow consumer never triggers it (the same rule as
+        HTTP/2 and QUIC receivers use).
+        """
+        if stream.tune_started is None:
+            stream.tune_started = now
+        stream.tune_bytes += length
+        recv = stream.recv
+        if stream.tune_bytes < recv.size:
+            return 0
+        started, stream.tune_started, stream.tune_bytes = stream.tune_started, now, 0
+        rtt = self._min_rtt
+        limit = self.config.max_stream_window
+        if rtt is None or recv.size >= limit or now - started >= 2 * rtt:
+            return 0
+        self.counters.window_growths += 1
+        return recv.grow(min(2 * recv.size, limit))
+
+    def _send_stream_credit(self, stream: _Stream, increment: int) -> None:
+        if increment and stream.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            self._queue_control(FrameType.WINDOW_UPDATE, stream.id, increment)
 
     def _acknowledge_connection(self, length: int) -> None:
         increment = self._recv_connection.acknowledge(length)
@@ -825,8 +861,6 @@ class Multiplexer:
         self._datagrams.append((flow, data, now))
         self._datagram_bytes += length
         flow.last_activity = now
-        self._now = now
-        self._latency_until = now + self.config.latency_hold
         return True
 
     def close_flow(self, flow_id: int, code: int = ErrorCode.NO_ERROR) -> None:
@@ -893,14 +927,11 @@ class Multiplexer:
         self.peer_capabilities = frozenset(frame.capabilities)
         self._set_state(SessionInput.RECV_HELLO)
         self._send_connection_credit = self.peer_limits["connection_window"]
-        if self.config.latency_window is not None:
-            self._latency_reserve = max(
-                0, self.peer_limits["stream_window"] - self.config.latency_window
-            )
         self._send_chunk = min(self.config.stream_chunk, self.peer_limits["max_chunk"])
         self._max_send_datagram = self.peer_limits["max_datagram"]
         if self.config.ping_interval:
-            self._next_ping_at = self._now + self.config.ping_interval
+            # The first PING goes at once: window tuning needs an RTT sample early.
+            self._next_ping_at = self._now
         events.append(
             HandshakeCompleted(frame.version, self.peer_capabilities, dict(self.peer_limits))
         )
@@ -924,6 +955,8 @@ class Multiplexer:
         if sent is None:
             return  # answered after we stopped waiting
         rtt = self._now - sent
+        if self._min_rtt is None or rtt < self._min_rtt:
+            self._min_rtt = rtt
         counters = self.counters
         counters.pongs_received += 1
         counters.last_rtt = rtt
@@ -954,9 +987,6 @@ class Multiplexer:
             stream.send_credit += frame.increment
             if stream.send_credit > MAX_WIRE_INT:
                 raise RemoteFlowControlError(f"stream {stream.id} credit overflow")
-        self._wake_stalled(events)
-
-    def _wake_stalled(self, events: list[Event]) -> None:
         for stream_id in list(self._stalled):
             credit = self.send_window(stream_id)
             if credit:
@@ -1052,6 +1082,8 @@ class Multiplexer:
             self.counters.drops[DROP_UNKNOWN_FLOW] += 1
             return
         flow.last_activity = self._now
+        if self.config.latency_window is not None:
+            self._latency_until = self._now + self.config.latency_hold
         counters = self.counters
         counters.datagrams_received += 1
         counters.datagram_bytes_received += len(data)

@@ -144,6 +144,7 @@ class Counters:
         "stream_bytes_sent",
         "streams_closed",
         "streams_opened",
+        "window_growths",
     )
 
     def __init__(self) -> None:
@@ -163,6 +164,7 @@ class Counters:
         self.flows_opened: dict[str, int] = {"local": 0, "remote": 0}
         self.flows_closed: dict[str, int] = {}  # by close code name
         self.credit_stalls = 0  # times a stream ran out of send credit
+        self.window_growths = 0  # times a stream window this end grants doubled
         self.pings_sent = 0
         self.pongs_received = 0
         self.last_rtt: float | None = None
@@ -230,6 +232,7 @@ class Snapshot:
         for how, value in counters.streams_closed.items():
             bump(("streams_closed", how), value)
         bump(("credit_stalls",), counters.credit_stalls)
+        bump(("window_growths",), counters.window_growths)
         bump(("pings",), counters.pings_sent)
         bump(("pongs",), counters.pongs_received)
         for forward_id, traffic in counters.forwards.items():

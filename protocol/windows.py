@@ -34,17 +34,29 @@ class ReceiveWindow:
         self.unacknowledged += length
         return True
 
-    def acknowledge(self, length: int) -> int:
-        """The application consumed ``length`` bytes; return an increment to send, or 0."""
+    def acknowledge(self, length: int, cap: int | None = None) -> int:
+        """The application consumed ``length`` bytes; return an increment to send, or 0.
+
+        With ``cap``, credit goes back only while the peer would then hold at most
+        ``cap`` bytes of credit; the rest waits in ``unreturned`` for ``flush()``.
+        """
         if length < 0 or length > self.unacknowledged:
             raise LocalProtocolError(
                 f"acknowledged {length} bytes but only {self.unacknowledged} are unacknowledged"
             )
         self.unacknowledged -= length
         self.unreturned += length
-        if self.unreturned >= self.batch:
+        if self.unreturned < self.batch:
+            return 0
+        if cap is None:
             return self.flush()
-        return 0
+        room = cap - self.available
+        if room < min(self.batch, self.unreturned):
+            return 0  # not worth a WINDOW_UPDATE yet
+        increment = min(self.unreturned, room)
+        self.unreturned -= increment
+        self.available += increment
+        return increment
 
     def flush(self) -> int:
         """Return all consumed credit now (used when nothing else is outstanding)."""
@@ -52,3 +64,10 @@ class ReceiveWindow:
         self.unreturned = 0
         self.available += increment
         return increment
+
+    def grow(self, size: int) -> int:
+        """Enlarge the window to ``size``; the extra credit to grant the peer at once."""
+        extra = max(0, size - self.size)
+        self.size = size
+        self.available += extra
+        return extra

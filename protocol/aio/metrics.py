@@ -223,6 +223,11 @@ class TunnelCollector(Collector):
         stalls = CounterMetricFamily(
             f"{p}_stream_credit_stalls", "Times a stream ran out of send credit.", labels=["role"]
         )
+        growths = CounterMetricFamily(
+            f"{p}_stream_window_growths",
+            "Times a stream window this end grants doubled (window auto-tuning).",
+            labels=["role"],
+        )
         write_stalls = CounterMetricFamily(
             f"{p}_write_buffer_stalls",
             "Times output waited for the SSH write buffer to drain.",
@@ -241,7 +246,8 @@ class TunnelCollector(Collector):
         families: list[Metric] = [
             build, up, sessions, connects, disconnects, reconnects, auth, refused, last_rtt,
             fwd_up, fwd_bytes, fwd_dgrams, fwd_streams, fwd_flows, fwd_streams_opened,
-            fwd_flows_opened, flows_closed, evicted, drops, stalls, write_stalls, wire, frames,
+            fwd_flows_opened, flows_closed, evicted, drops, stalls, growths, write_stalls, wire,
+            frames,
         ]  # fmt: skip
         leases = GaugeMetricFamily(
             f"{p}_leases", "Relay: public port leases by state.", labels=["role", "state"]
@@ -323,6 +329,7 @@ class TunnelCollector(Collector):
                 dropped = counts.get(("drops", reason), 0) + book.extra_drops.get(reason, 0)
                 drops.add_metric([role, reason], dropped)
             stalls.add_metric([role], counts.get(("credit_stalls",), 0))
+            growths.add_metric([role], counts.get(("window_growths",), 0))
             write_stalls.add_metric([role], write_stall_count)
             for direction in ("in", "out"):
                 wire.add_metric([role, direction], counts.get(("wire_bytes", direction), 0))

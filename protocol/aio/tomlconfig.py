@@ -112,6 +112,7 @@ TUNNEL_SETTINGS: dict[str, Setting] = {
     "datagram_queue_bytes": Setting(int, positive),
     "stream_window": Setting(int, _window),
     "latency_window": Setting(int, _latency_window),
+    "max_stream_window": Setting(int, _window),
 }
 
 
@@ -123,10 +124,12 @@ def tunnel_config(values: dict[str, Any]) -> tuple[DeadLink, MuxConfig]:
         mux.ping_interval = values["ping_interval"]
     # stream_window: smaller lets UDP wait less behind bulk TCP; larger makes one TCP
     # stream faster on long links (docs/performance.md measures the trade-off).
-    for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window"):
+    for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window", "max_stream_window"):
         if key in values:
             setattr(mux, key, values[key])
-    # latency_window: stream bytes in flight while datagrams flow (0: no limit).
+    if mux.max_stream_window < mux.stream_window:
+        mux.max_stream_window = mux.stream_window  # a fixed window, no growth
+    # latency_window: stream credit outstanding while datagrams arrive (0: no limit).
     if "latency_window" in values:
         mux.latency_window = values["latency_window"] or None
     return dead_link, mux

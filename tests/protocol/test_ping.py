@@ -69,6 +69,12 @@ def test_peer_ping_is_answered(raw_peer) -> None:
 def test_ping_interval_sends_pings_via_handle_timer(make_pair, small_config, decode) -> None:
     config = small_config(ping_interval=5.0)
     pair = make_pair(config=config)
+    # The first PING goes right after the handshake (an early RTT sample for window
+    # tuning), then one every interval.
+    assert pair.relay.get_timer() == pytest.approx(0.0)
+    assert pair.relay.handle_timer(0.0) == []
+    (first,) = decode(pair.relay.data_to_send(now=0.0))
+    assert isinstance(first, Ping)
     assert pair.relay.get_timer() == pytest.approx(5.0)
     assert pair.relay.handle_timer(4.9) == []
     assert pair.relay.data_to_send(now=4.9) == b""
@@ -80,8 +86,8 @@ def test_ping_interval_sends_pings_via_handle_timer(make_pair, small_config, dec
     for _ in range(60):  # one minute of a pair answering promptly
         pair.advance(1.0)
         pair.drain()
-    assert pair.relay.counters.pings_sent == 12  # t = 5, 10, ..., 60
-    assert pair.relay.counters.pongs_received == 11  # the one sent at t=5 was never delivered
+    assert pair.relay.counters.pings_sent == 13  # t = 0, 5, 10, ..., 60
+    assert pair.relay.counters.pongs_received == 11  # those sent at t=0 and 5 never arrived
     assert all(isinstance(e, PingAcknowledged) for e in pair.take(pair.relay))
     assert pair.relay.is_open and pair.client.is_open
 
@@ -96,15 +102,15 @@ def test_late_timer_does_not_burst_pings(make_pair, small_config) -> None:
 
 def test_ping_timeout_terminates_with_timeout(make_pair, small_config, decode) -> None:
     pair = make_pair(config=small_config(ping_interval=1.0, ping_timeout=3.0))
-    pair.relay.handle_timer(1.0)  # PING at t=1; the client never gets it
-    pair.relay.data_to_send(now=1.0)
-    assert pair.relay.get_timer() == pytest.approx(2.0)  # next ping comes before the deadline
-    for t in (2.0, 3.0):
+    pair.relay.handle_timer(0.0)  # the first PING, right after the handshake; never arrives
+    pair.relay.data_to_send(now=0.0)
+    assert pair.relay.get_timer() == pytest.approx(1.0)  # next ping comes before the deadline
+    for t in (1.0, 2.0):
         assert pair.relay.handle_timer(t) == []
         pair.relay.data_to_send(now=t)
-    events = pair.relay.handle_timer(3.999)
+    events = pair.relay.handle_timer(2.999)
     assert events == []
-    (term,) = pair.relay.handle_timer(4.0)
+    (term,) = pair.relay.handle_timer(3.0)
     assert isinstance(term, ConnectionTerminated)
     assert term.code == ErrorCode.TIMEOUT and not term.remote
     assert not pair.relay.is_open
@@ -113,7 +119,7 @@ def test_ping_timeout_terminates_with_timeout(make_pair, small_config, decode) -
     assert isinstance(goaway, GoAway) and goaway.code == ErrorCode.TIMEOUT
     assert pair.relay.get_timer() is None
     # If the link comes back, the peer learns why.
-    (peer_term,) = pair.client.receive_data(wire, 4.0)
+    (peer_term,) = pair.client.receive_data(wire, 3.0)
     assert isinstance(peer_term, ConnectionTerminated)
     assert peer_term.code == ErrorCode.TIMEOUT and peer_term.remote
 

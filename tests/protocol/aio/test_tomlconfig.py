@@ -43,6 +43,13 @@ def test_windows_and_timings_are_applied(tmp_path: Path) -> None:
     assert mux.max_datagram_age == 0.1
 
 
+def test_max_stream_window_below_the_window_means_a_fixed_window(tmp_path: Path) -> None:
+    _, mux = tunnel_config(_load(tmp_path, "[serve]\nmax_stream_window = 4096\n"))
+    assert mux.max_stream_window == mux.stream_window  # no growth
+    _, mux = tunnel_config(_load(tmp_path, "[serve]\nmax_stream_window = 67108864\n"))
+    assert mux.max_stream_window == 64 * 1024 * 1024
+
+
 def test_latency_window_zero_turns_latency_mode_off(tmp_path: Path) -> None:
     _, mux = tunnel_config(_load(tmp_path, "[serve]\nlatency_window = 0\n"))
     assert mux.latency_window is None
