@@ -531,8 +531,15 @@ class Tunnel:
         return "\n".join(lines)
 
 
-def start_sshrelay(procs: Procs, tmp: Path, forwards: dict[str, str], name: str) -> Tunnel:
-    """``forwards``: forward name -> ``TARGETPORT`` or ``TARGETPORT/udp``."""
+def start_sshrelay(
+    procs: Procs,
+    tmp: Path,
+    forwards: dict[str, str],
+    name: str,
+    via: Callable[[int], int] | None = None,
+) -> Tunnel:
+    """``forwards``: forward name -> ``TARGETPORT`` or ``TARGETPORT/udp``; ``via`` maps the
+    relay's SSH port to the port the client dials (a delay proxy in front of it)."""
     relay = relay_command()
     for key in ("relay_host_ed25519", "relay_client_ed25519"):
         if not (tmp / key).exists():
@@ -561,10 +568,11 @@ def start_sshrelay(procs: Procs, tmp: Path, forwards: dict[str, str], name: str)
     line = wait_for_line(out, r"listening on [\d.]+:\d+", server, STARTUP)
     ssh_port = int(re.search(r"listening on [\d.]+:(\d+)", line).group(1))  # type: ignore[union-attr]
     cout, cerr = tmp / f"client-{name}.out", tmp / f"client-{name}.err"
+    dial = via(ssh_port) if via is not None else ssh_port
     argv = [
         *relay,
         "connect",
-        f"{LOOPBACK}:{ssh_port}",
+        f"{LOOPBACK}:{dial}",
         "-i",
         str(tmp / "relay_client_ed25519"),
         "--known-hosts",
