@@ -122,8 +122,7 @@ def tunnel_config(values: dict[str, Any]) -> tuple[DeadLink, MuxConfig]:
     mux = dead_link.apply(MuxConfig())
     if "ping_interval" in values:  # more frequent RTT samples than the dead-link timing needs
         mux.ping_interval = values["ping_interval"]
-    # stream_window: smaller lets UDP wait less behind bulk TCP; larger makes one TCP
-    # stream faster on long links (docs/performance.md measures the trade-off).
+    # Windows this end grants (docs/operations.md, "Throughput and latency settings").
     for key in ("max_datagram_age", "datagram_queue_bytes", "stream_window", "max_stream_window"):
         if key in values:
             setattr(mux, key, values[key])
