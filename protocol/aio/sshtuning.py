@@ -35,7 +35,7 @@ ENCRYPTION_ALGS: Final = [
     "chacha20-poly1305@openssh.com",
     "aes128-ctr",
 ]
-CHANNEL_WINDOW: Final = 8 * 1024 * 1024  # SSH channel window: ample for long fat links
+CHANNEL_WINDOW: Final = 64 * 1024 * 1024  # SSH channel window: never the limit below our credit
 CHANNEL_MAX_PKTSIZE: Final = 32768  # larger packets measured slower: asyncssh re-copies its input
 WRITE_HIGH_WATER: Final = 128 * 1024  # unsent bytes we allow below our scheduler
 NOTSENT_LOWAT: Final = 64 * 1024

@@ -55,6 +55,7 @@ from sshrelay.protocol.states import StreamState
 
 RELAY_CONFIG = MuxConfig(
     stream_window=4096,
+    max_stream_window=16384,  # windows may grow to 4x (when PINGs gave an RTT)
     connection_window=16384,
     stream_chunk=1024,
     max_chunk=4096,
@@ -493,8 +494,15 @@ class MuxMachine(RuleBasedStateMachine):
             for stream_id, stream in mux._streams.items():
                 assert stream.send_credit >= 0
                 assert mux.send_window(stream_id) >= 0
-                assert stream.out_bytes <= mux.peer_limits["stream_window"]
-                assert stream.recv.unacknowledged <= mux.config.stream_window
+                # Receivers may grow a stream's window (up to max_stream_window), never
+                # past it, and never hold more unconsumed bytes than the window.
+                peer = self.mux(OTHER[end])._streams.get(stream_id)
+                if peer is not None:
+                    assert stream.out_bytes <= peer.recv.size
+                assert stream.out_bytes <= self.mux(OTHER[end]).config.max_stream_window
+                assert stream.recv.unacknowledged <= stream.recv.size
+                assert mux.config.stream_window <= stream.recv.size
+                assert stream.recv.size <= mux.config.max_stream_window
 
     @invariant()
     def buffers_within_limits(self) -> None:
