@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,14 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_tunnel as bt
+from suite import cpu_seconds
 
 RATE = 300  # samples per second, as the earlier profiles
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarise(raw: Path, out: Path, top: int = 30) -> None:
@@ -94,7 +88,7 @@ def main() -> int:
             "idle-rtt": lambda: bt.udp_rtt(tunnel.ports["echo"], seconds + 1),
         }
         for name, run in loads.items():
-            before = {end: cpu_seconds(pid) for end, pid in ends.items()}
+            before = {end: cpu_seconds([pid]) for end, pid in ends.items()}
             spies = {
                 end: subprocess.Popen(
                     [spy, "record", "-f", "raw", "-r", str(RATE), "--nonblocking", "-d",
@@ -108,7 +102,7 @@ def main() -> int:
             outcome = run()
             for proc in spies.values():
                 proc.wait(timeout=seconds + 30)
-            used = {end: round(cpu_seconds(pid) - before[end], 2) for end, pid in ends.items()}
+            used = {end: round(cpu_seconds([pid]) - before[end], 2) for end, pid in ends.items()}
             for end in ends:
                 raw = args.out / f"{name}-{end}.pyspy.txt"
                 if raw.exists():

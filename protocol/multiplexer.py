@@ -106,8 +106,8 @@ CAPABILITIES: Final = ("streams", "datagrams", "ping", "requests")
 MIN_SPLIT_CHUNK: Final = 1024  # do not cut a stream chunk smaller than this to fit a budget
 MAX_OUTSTANDING_PINGS: Final = 64
 MAX_QUEUED_PONGS: Final = 64
-# Stream credit goes back at least every 64 KiB consumed, so that a sender keeping
-# only part of a large window in flight (latency mode) is not starved by batching.
+# Stream credit goes back at least every 64 KiB consumed, however large the window
+# (it grows to MiBs), so latency mode's capped returns still flow in small steps.
 STREAM_CREDIT_BATCH: Final = 64 * 1024
 _INF: Final = float("inf")
 _SENDABLE: Final = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
@@ -230,7 +230,7 @@ class Multiplexer:
         self._send_connection_credit = 0
         # Latency mode (receiver side): while datagrams arrive, each stream's peer gets
         # credit only up to config.latency_window; streams holding back credit are here.
-        self._latency_until = float("-inf")
+        self._latency_until = -_INF
         self._held_credit: set[int] = set()
         self._min_rtt: float | None = None  # smallest PING round trip seen (window tuning)
         self._recv_connection = ReceiveWindow(self.config.connection_window)
@@ -550,7 +550,7 @@ class Multiplexer:
             deadlines.append(self._next_ping_at)
         if self._pings and self.config.ping_timeout is not None:
             deadlines.append(min(self._pings.values()) + self.config.ping_timeout)
-        if self._held_credit and self._latency_until > float("-inf"):
+        if self._held_credit and self._latency_until > -_INF:
             deadlines.append(self._latency_until)  # held-back credit goes out then
         return min(deadlines) if deadlines else None
 
@@ -582,8 +582,8 @@ class Multiplexer:
                 continue
             self.close_flow(flow_id, ErrorCode.IDLE)
             events.append(FlowClosed(flow_id, ErrorCode.IDLE, remote=False))
-        if float("-inf") < self._latency_until <= now:
-            self._latency_until = float("-inf")  # latency mode over: return held credit
+        if -_INF < self._latency_until <= now:
+            self._latency_until = -_INF  # latency mode over: return held credit
             held, self._held_credit = self._held_credit, set()
             for stream_id in held:
                 stream = self._streams.get(stream_id)

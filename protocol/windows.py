@@ -19,8 +19,8 @@ class ReceiveWindow:
 
     def __init__(self, size: int, max_batch: int | None = None) -> None:
         self.size = size
-        # Credit goes back once this much is consumed: a quarter window, or less when
-        # the sender may be holding back part of the window (latency mode).
+        # Credit goes back once this much is consumed: a quarter of the initial window,
+        # or ``max_batch`` if smaller (also the step latency mode returns credit in).
         self.batch = max(1, size // 4 if max_batch is None else min(size // 4, max_batch))
         self.available = size  # bytes the peer may still send
         self.unacknowledged = 0  # received, not yet consumed by the application
@@ -53,15 +53,14 @@ class ReceiveWindow:
         room = cap - self.available
         if room < min(self.batch, self.unreturned):
             return 0  # not worth a WINDOW_UPDATE yet
-        increment = min(self.unreturned, room)
-        self.unreturned -= increment
-        self.available += increment
-        return increment
+        return self._give(min(self.unreturned, room))
 
     def flush(self) -> int:
         """Return all consumed credit now (used when nothing else is outstanding)."""
-        increment = self.unreturned
-        self.unreturned = 0
+        return self._give(self.unreturned)
+
+    def _give(self, increment: int) -> int:
+        self.unreturned -= increment
         self.available += increment
         return increment
 
